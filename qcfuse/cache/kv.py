@@ -1,0 +1,37 @@
+"""The two shapes a KV cache takes in qcfuse.
+
+ChunkKV: what is stored per chunk, offline. Keys are kept *before* RoPE so the chunk can be placed at any
+offset later. KVBuffer: the online, position-resolved cache of one request (keys after RoPE), preallocated
+for the prompt plus the tokens to be decoded and written in place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ChunkKV:
+    k: torch.Tensor   # [L, Hkv, n, D] pre-RoPE keys, computed with the chunk at positions 0..n-1
+    v: torch.Tensor   # [L, Hkv, n, D]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+
+class KVBuffer:
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int, dtype, device):
+        shape = (n_layers, n_kv_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)   # after RoPE
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.capacity = capacity
+
+    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[layer].index_copy_(1, positions, k)
+        self.v[layer].index_copy_(1, positions, v)

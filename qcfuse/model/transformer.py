@@ -1,0 +1,114 @@
+"""One forward path over a transformers decoder's weights that computes only the rows it is given.
+
+A "row" is a token at a known absolute position. Full prefill passes every row; fusion passes the
+selected rows and lets them attend over a key/value buffer that already holds the reused rows.
+Shapes: n rows, N keys, H query heads, Hkv key/value heads, D head dim, E hidden size.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .families import FamilySpec, describe
+
+
+class Transformer:
+    def __init__(self, hf_model):
+        self.hf = hf_model.eval()
+        cfg = hf_model.config
+        self.config = cfg
+        self.spec: FamilySpec = describe(hf_model)
+        self.inner = hf_model.model
+        self.blocks = list(self.inner.layers)
+        self.n_layers = len(self.blocks)
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.max_positions = cfg.max_position_embeddings
+        first = next(hf_model.parameters())
+        self.dtype, self.device = first.dtype, first.device
+
+    # -- pieces of one layer ------------------------------------------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.inner.embed_tokens(ids)                                   # [n] -> [n, E]
+
+    def rope(self, layer: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.spec.layers[layer].rope.apply(x, positions)              # [h, n, D]
+
+    def project_qkv(self, layer: int, h: torch.Tensor, positions: torch.Tensor):
+        """Query (after RoPE), key (before RoPE, after any k-norm) and value for rows h: [n, E]."""
+        block = self.blocks[layer]
+        attn = block.self_attn
+        x = block.input_layernorm(h)
+        n = x.shape[0]
+        q = attn.q_proj(x).view(n, -1, self.head_dim)                      # [n, H, D]
+        k = attn.k_proj(x).view(n, -1, self.head_dim)                      # [n, Hkv, D]
+        v = attn.v_proj(x).view(n, -1, self.head_dim).transpose(0, 1)      # [Hkv, n, D]
+        if self.spec.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q = self.rope(layer, q.transpose(0, 1), positions)                 # [H, n, D]
+        return q, k.transpose(0, 1), v                                     # k: [Hkv, n, D] pre-RoPE
+
+    def attention_mask(self, layer: int, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Position-causal (and sliding-window) visibility: [n, N] bool."""
+        visible = k_pos[None, :] <= q_pos[:, None]
+        window = self.spec.layers[layer].window
+        if window is not None:
+            visible &= k_pos[None, :] > q_pos[:, None] - window
+        return visible
+
+    def attend(self, layer: int, h, q, keys, values, q_pos, k_pos, mask=None) -> torch.Tensor:
+        """Rows' attention over keys/values [Hkv, N, D] (keys after RoPE), then the MLP: returns new h [n, E]."""
+        block = self.blocks[layer]
+        if mask is None:
+            mask = self.attention_mask(layer, q_pos, k_pos)
+        o = F.scaled_dot_product_attention(
+            q[None], keys[None], values[None], attn_mask=mask[None, None],
+            scale=self.spec.layers[layer].scaling, enable_gqa=self.n_heads != self.n_kv_heads,
+        )[0]                                                               # [H, n, D]
+        o = block.self_attn.o_proj(o.transpose(0, 1).reshape(q.shape[1], -1))
+        if self.spec.sandwich_norm:
+            h = h + block.post_attention_layernorm(o)
+            return h + block.post_feedforward_layernorm(block.mlp(block.pre_feedforward_layernorm(h)))
+        h = h + o
+        return h + block.mlp(block.post_attention_layernorm(h))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.hf.lm_head(self.inner.norm(h)).float()                  # [n, vocab]
+        cap = self.spec.final_softcap
+        return torch.tanh(out / cap) * cap if cap else out
+
+    def layer_step(self, layer: int, h, rows, buffer, n_keys: int, mask=None):
+        """Compute `rows` through one layer against buffer[:n_keys], writing their fresh K/V into it first.
+
+        Returns the rows' new hidden [n, E] and their fresh pre-RoPE key and value [Hkv, n, D].
+        """
+        q, k, v = self.project_qkv(layer, h, rows)
+        buffer.write(layer, rows, self.rope(layer, k, rows), v)
+        keys_pos = torch.arange(n_keys, device=self.device)
+        if mask is None:
+            mask = self.attention_mask(layer, rows, keys_pos)
+        h = self.attend(layer, h, q, buffer.k[layer, :, :n_keys], buffer.v[layer, :, :n_keys], rows, keys_pos, mask)
+        return h, k, v
+
+    def new_buffer(self, capacity: int):
+        from ..cache.kv import KVBuffer
+        return KVBuffer(self.n_layers, self.n_kv_heads, self.head_dim, capacity, self.dtype, self.device)
+
+    # -- whole passes -------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor, start: int = 0):
+        """Plain causal prefill of ids at positions start..: per-layer pre-RoPE keys, values, and last hidden.
+
+        Returns k, v: [L, Hkv, n, D] and h: [n, E]. This is both the offline chunk prefill (start=0) and the
+        full-prefill baseline.
+        """
+        pos = torch.arange(start, start + ids.shape[0], device=self.device)
+        h = self.embed(ids.to(self.device))
+        ks, vs = [], []
+        for layer in range(self.n_layers):
+            q, k, v = self.project_qkv(layer, h, pos)
+            h = self.attend(layer, h, q, self.rope(layer, k, pos), v, pos, pos)
+            ks.append(k)
+            vs.append(v)
+        return torch.stack(ks), torch.stack(vs), h
