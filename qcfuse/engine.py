@@ -47,7 +47,7 @@ class FusionEngine:
         """Precompute and store the cache of every chunk (and the prompt prefix) not yet stored; returns how
         many were computed."""
         layout = self.layout(documents, "?")
-        return sum(not hit for _, hit in (self._entry(ids) for ids in [layout.prefix, *layout.chunks]))
+        return sum(not self._entry(ids)[1] for ids in [layout.prefix, *layout.chunks] if ids)
 
     def _entry(self, ids: list[int]) -> tuple[ChunkKV, bool]:
         key = chunk_key(self.model.fingerprint, ids)
@@ -58,6 +58,14 @@ class FusionEngine:
         entry = ChunkKV(k, v)
         self.store.put(key, entry)
         return entry, False
+
+    def check_fits(self, layout: PromptLayout, max_new_tokens: int) -> None:
+        if max_new_tokens < 1:
+            raise QcfuseError("max_new_tokens must be at least 1")
+        window = self.model.transformer.max_positions
+        if layout.n_tokens + max_new_tokens > window:
+            raise QcfuseError(f"prompt of {layout.n_tokens} tokens + {max_new_tokens} new tokens exceeds the "
+                              f"model's window of {window} tokens")
 
     # -- online -------------------------------------------------------------------------------------------
     def generate(self, documents: list[str], question: str, method: str = "reuse", ratio: float = 0.15,
@@ -70,22 +78,17 @@ class FusionEngine:
                         t0: float | None = None) -> Generation:
         t0 = time.perf_counter() if t0 is None else t0
         model = self.model.transformer
-        if max_new_tokens < 1:
-            raise QcfuseError("max_new_tokens must be at least 1")
-        if layout.n_tokens + max_new_tokens > model.max_positions:
-            raise QcfuseError(
-                f"prompt of {layout.n_tokens} tokens + {max_new_tokens} new tokens exceeds the model's "
-                f"window of {model.max_positions} tokens"
-            )
+        self.check_fits(layout, max_new_tokens)
         hits = misses = 0
         reused = None
         if selector.uses_cache:
             pieces = []
-            for i, ids in enumerate([layout.prefix, *layout.chunks]):
+            if layout.prefix:
+                pieces.append(self._entry(layout.prefix)[0])   # shared by every request: not counted
+            for ids in layout.chunks:
                 entry, hit = self._entry(ids)
                 pieces.append(entry)
-                if i:                       # count documents; the prefix is shared by every request
-                    hits, misses = hits + hit, misses + (not hit)
+                hits, misses = hits + hit, misses + (not hit)
             reused = ReusedKV(pieces)
         out = fuse(model, layout, reused, selector, capacity=layout.n_tokens + max_new_tokens)
         ttft = time.perf_counter() - t0

@@ -8,7 +8,8 @@ class FullCompute(Selector):
     uses_cache = False
 
     def __init__(self, ratio: float = 1.0):
-        super().__init__(1.0)   # everything is computed whatever ratio it is handed
+        super().__init__(ratio)
+        self.ratio = 1.0   # everything is computed whatever ratio it is handed
 
     def select(self, inputs):
         return inputs.layout.doc_positions()

@@ -9,7 +9,8 @@ class FullReuse(Selector):
     name = "reuse"
 
     def __init__(self, ratio: float = 0.0):
-        super().__init__(0.0)   # reuse recomputes no document token whatever ratio it is handed
+        super().__init__(ratio)
+        self.ratio = 0.0   # reuse recomputes no document token whatever ratio it is handed
 
     def select(self, inputs):
         return torch.empty(0, dtype=torch.long)

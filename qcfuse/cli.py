@@ -1,0 +1,151 @@
+"""qcfuse command line. User mistakes end in one line on stderr and a non-zero exit, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    from .errors import QcfuseError
+    try:
+        return args.func(args) or 0
+    except QcfuseError as exc:
+        print(f"qcfuse: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("qcfuse: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qcfuse", description="Query-aware KV-cache fusion for RAG.")
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="answer a question over documents with a fused KV cache")
+    _model_args(g)
+    g.add_argument("--document", "-d", action="append", required=True, metavar="FILE",
+                   help="a text file; one chunk per file, repeat for several (order is kept)")
+    g.add_argument("--question", "-q", required=True)
+    g.add_argument("--method", default="reuse", help="fullcomp, reuse, cacheblend, epic, ... (default: reuse)")
+    g.add_argument("--ratio", type=float, default=0.15, help="share of document tokens recomputed (default 0.15)")
+    g.add_argument("--max_new_tokens", type=int, default=32)
+    g.add_argument("--compare", action="store_true",
+                   help="also run full prefill and report the speedup and whether the answers agree")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    g.set_defaults(func=_generate)
+
+    c = sub.add_parser("check", help="numeric self-check of the engine against transformers on a model")
+    _model_args(c)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_check)
+    return p
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    from .model.loader import DEFAULT_MODEL
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help=f"built-in alias ({DEFAULT_MODEL}), a local HF model directory, or a .gguf file")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+
+
+def _load(args):
+    import torch
+
+    from .model.loader import load_model
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    return load_model(args.model, dtype=getattr(torch, args.dtype), quiet=getattr(args, "json", False))
+
+
+def _read_documents(paths: list[str]) -> list[str]:
+    from .errors import QcfuseError
+    docs = []
+    for path in paths:
+        f = Path(path)
+        if not f.is_file():
+            raise QcfuseError(f"document not found: {path}")
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise QcfuseError(f"document is not UTF-8 text: {path}") from None
+        if not text.strip():
+            raise QcfuseError(f"document is empty: {path}")
+        docs.append(text)
+    return docs
+
+
+def _generate(args) -> int:
+    from .engine import FusionEngine
+    from .errors import QcfuseError
+    from .fusion import make_selector
+
+    docs = _read_documents(args.document)
+    selector = make_selector(args.method, args.ratio)       # unknown method / bad ratio: fail before loading
+    if args.max_new_tokens < 1:
+        raise QcfuseError("--max_new_tokens must be at least 1")
+    t0 = time.perf_counter()
+    model = _load(args)
+    load_s = time.perf_counter() - t0
+    engine = FusionEngine(model)
+    layout = engine.layout(docs, args.question)
+    engine.check_fits(layout, args.max_new_tokens)
+
+    t0 = time.perf_counter()
+    prepared = engine.prepare(docs) if selector.uses_cache else 0    # the offline step, timed apart
+    prepare_s = time.perf_counter() - t0
+    engine.warmup()
+    result = engine.generate_layout(layout, selector, args.max_new_tokens)
+    out = {"answer": result.answer, **result.stats, "model": args.model, "load_s": load_s,
+           "prepared_chunks": prepared, "prepare_s": prepare_s}
+    if args.compare:
+        full = engine.generate_layout(layout, make_selector("fullcomp"), args.max_new_tokens)
+        out["fullcomp_answer"] = full.answer
+        out["fullcomp_ttft_s"] = full.stats["ttft_s"]
+        out["speedup"] = full.stats["ttft_s"] / result.stats["ttft_s"]
+        out["same_answer"] = full.token_ids == result.token_ids
+        out["first_token_agrees"] = int(full.first_logits.argmax()) == int(result.first_logits.argmax())
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(result.answer)
+    print(f"\n  method {out['method']} (ratio {out['ratio']:.2f}): recomputed {out['recomputed_tokens']} of "
+          f"{out['context_tokens']} document tokens (+{out['suffix_tokens']} suffix tokens)")
+    print(f"  TTFT {out['ttft_s'] * 1000:.1f} ms, of which selection {out['selection_s'] * 1000:.1f} ms; "
+          f"decode {out['new_tokens']} tokens in {out['decode_s']:.2f} s")
+    print(f"  chunk cache: {out['cache_hits']} hits, {out['cache_misses']} misses "
+          f"({prepared} chunks prepared offline in {prepare_s:.2f} s); model loaded in {load_s:.1f} s")
+    if args.compare:
+        print(f"  full prefill: TTFT {out['fullcomp_ttft_s'] * 1000:.1f} ms -> speedup {out['speedup']:.2f}x; "
+              f"same answer: {'yes' if out['same_answer'] else 'no'}; "
+              f"first token agrees: {'yes' if out['first_token_agrees'] else 'no'}")
+        if not out["same_answer"]:
+            print(f"  full prefill answer: {full.answer}")
+    return 0
+
+
+def _check(args) -> int:
+    from .check import run_checks
+    model = _load(args)
+    results = run_checks(model)
+    ok = all(r["passed"] for r in results)
+    if args.json:
+        print(json.dumps({"model": args.model, "passed": ok, "checks": results}))
+    else:
+        for r in results:
+            print(f"  [{'PASS' if r['passed'] else 'FAIL'}] {r['name']}: {r['detail']}")
+        print(f"{'all checks passed' if ok else 'SOME CHECKS FAILED'} for {args.model}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

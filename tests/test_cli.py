@@ -1,0 +1,89 @@
+"""The command line as a user meets it: answers with stats, one-line errors, no tracebacks."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qcfuse.cli import main
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "docs"
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "qcfuse", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture()
+def docs(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("The orchard on Hill Road grows pears and plums. It was planted in 1962.")
+    b.write_text("Plums are harvested in late August. Pears follow in September.")
+    return [str(a), str(b)]
+
+
+def test_generate_json(docs, capsys):
+    rc = main(["generate", "-d", docs[0], "-d", docs[1], "-q", "When was the orchard planted?",
+               "--method", "cacheblend", "--ratio", "0.3", "--max_new_tokens", "8", "--json", "--compare"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    for key in ("answer", "ttft_s", "selection_s", "recomputed_tokens", "context_tokens", "cache_hits",
+                "cache_misses", "fullcomp_ttft_s", "speedup", "same_answer"):
+        assert key in out
+    assert out["cache_hits"] == 2 and out["cache_misses"] == 0
+    assert out["recomputed_tokens"] == round(0.3 * out["context_tokens"])
+    assert out["ttft_s"] > 0 and out["new_tokens"] <= 8
+
+
+def test_generate_text_output(docs, capsys):
+    rc = main(["generate", "-d", docs[0], "-d", docs[1], "-q", "What grows there?", "--method", "reuse",
+               "--max_new_tokens", "4"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "TTFT" in out and "chunk cache: 2 hits, 0 misses" in out
+
+
+@pytest.mark.parametrize("make_args,message", [
+    (lambda d, t: ["-d", d[0], "-d", str(t / "missing.txt")], "document not found"),
+    (lambda d, t: ["-d", str(_write(t / "empty.txt", "  \n"))], "document is empty"),
+    (lambda d, t: ["-d", d[0], "--method", "magic"], "unknown method"),
+    (lambda d, t: ["-d", d[0], "--ratio", "1.5"], "ratio must be within"),
+    (lambda d, t: ["-d", d[0], "--model", "no-such-model"], "unknown model"),
+    (lambda d, t: ["-d", str(_write(t / "long.txt", "lorem ipsum " * 5000))], "exceeds the model's window"),
+    (lambda d, t: ["-d", d[0], "--max_new_tokens", "0"], "max_new_tokens"),
+])
+def test_user_errors_are_one_line(docs, tmp_path, capsys, make_args, message):
+    rc = main(["generate", "-q", "Anything?", *make_args(docs, tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_subprocess_error_has_no_traceback(tmp_path):
+    done = run_cli("generate", "-d", str(tmp_path / "nope.txt"), "-q", "x")
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"qcfuse: error: document not found: {tmp_path / 'nope.txt'}"
+
+
+def test_subprocess_check_command():
+    done = run_cli("check", "--json")
+    report = json.loads(done.stdout)
+    assert done.returncode == 0 and report["passed"], report
+
+
+def test_examples_run_end_to_end():
+    files = sorted(EXAMPLES.glob("*.txt"))
+    assert len(files) >= 3
+    args = ["generate", "--json", "--method", "cacheblend", "--ratio", "0.15", "--max_new_tokens", "4",
+            "-q", "In which year was the Great Barrier Reef Marine Park established?"]
+    for f in files:
+        args += ["-d", str(f)]
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["context_tokens"] > 1000 and out["cache_hits"] == len(files)
