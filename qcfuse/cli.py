@@ -44,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     g.set_defaults(func=_generate)
 
+    f = sub.add_parser("fetch", help="fetch and convert a model once, so later runs load it in seconds")
+    _model_args(f)
+    f.set_defaults(func=_fetch)
+
     c = sub.add_parser("check", help="numeric self-check of the engine against transformers on a model")
     _model_args(c)
     c.add_argument("--json", action="store_true")
@@ -101,7 +105,7 @@ def _generate(args) -> int:
     engine.check_fits(layout, args.max_new_tokens)
 
     t0 = time.perf_counter()
-    prepared = engine.prepare(docs) if selector.uses_cache else 0    # the offline step, timed apart
+    prepared = engine.prepare(docs, progress=not args.json) if selector.uses_cache else 0    # the offline step, timed apart
     prepare_s = time.perf_counter() - t0
     engine.warmup()
     result = engine.generate_layout(layout, selector, args.max_new_tokens)
@@ -130,6 +134,12 @@ def _generate(args) -> int:
               f"first token agrees: {'yes' if out['first_token_agrees'] else 'no'}")
         if not out["same_answer"]:
             print(f"  full prefill answer: {full.answer}")
+    return 0
+
+
+def _fetch(args) -> int:
+    from .model.loader import resolve_model_dir
+    print(f"{args.model}: ready in {resolve_model_dir(args.model)}")
     return 0
 
 

@@ -43,11 +43,14 @@ class FusionEngine:
     def layout(self, documents: list[str], question: str) -> PromptLayout:
         return build_layout(self.model.tokenizer, documents, question)
 
-    def prepare(self, documents: list[str]) -> int:
+    def prepare(self, documents: list[str], progress: bool = False) -> int:
         """Precompute and store the cache of every chunk (and the prompt prefix) not yet stored; returns how
         many were computed."""
+        from tqdm import tqdm
         layout = self.layout(documents, "?")
-        return sum(not self._entry(ids)[1] for ids in [layout.prefix, *layout.chunks] if ids)
+        pieces = [ids for ids in [layout.prefix, *layout.chunks] if ids]
+        bar = tqdm(pieces, desc="preparing chunk caches", unit="chunk", disable=not progress, leave=False)
+        return sum(not self._entry(ids)[1] for ids in bar)
 
     def _entry(self, ids: list[int]) -> tuple[ChunkKV, bool]:
         key = chunk_key(self.model.fingerprint, ids)

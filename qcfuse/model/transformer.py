@@ -40,10 +40,10 @@ class Transformer:
         block = self.blocks[layer]
         attn = block.self_attn
         x = block.input_layernorm(h)
-        n = x.shape[0]
-        q = attn.q_proj(x).view(n, -1, self.head_dim)                      # [n, H, D]
-        k = attn.k_proj(x).view(n, -1, self.head_dim)                      # [n, Hkv, D]
-        v = attn.v_proj(x).view(n, -1, self.head_dim).transpose(0, 1)      # [Hkv, n, D]
+        heads = (-1, self.head_dim)
+        q = attn.q_proj(x).unflatten(-1, heads)                            # [n, H, D]
+        k = attn.k_proj(x).unflatten(-1, heads)                            # [n, Hkv, D]
+        v = attn.v_proj(x).unflatten(-1, heads).transpose(0, 1)            # [Hkv, n, D]
         if self.spec.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q = self.rope(layer, q.transpose(0, 1), positions)                 # [H, n, D]
@@ -66,7 +66,7 @@ class Transformer:
             q[None], keys[None], values[None], attn_mask=mask[None, None],
             scale=self.spec.layers[layer].scaling, enable_gqa=self.n_heads != self.n_kv_heads,
         )[0]                                                               # [H, n, D]
-        o = block.self_attn.o_proj(o.transpose(0, 1).reshape(q.shape[1], -1))
+        o = block.self_attn.o_proj(o.transpose(0, 1).flatten(1))
         if self.spec.sandwich_norm:
             h = h + block.post_attention_layernorm(o)
             return h + block.post_feedforward_layernorm(block.mlp(block.pre_feedforward_layernorm(h)))
