@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--method", default="reuse", help="fullcomp, reuse, cacheblend, epic, ... (default: reuse)")
     g.add_argument("--ratio", type=float, default=0.15, help="share of document tokens recomputed (default 0.15)")
     g.add_argument("--max_new_tokens", type=int, default=32)
+    g.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option, e.g. --opt anchor_ratio=0.1 --opt critical_layers=12,20,25 "
+                        "--opt reduction=max --opt check_layer=1")
     g.add_argument("--compare", action="store_true",
                    help="also run full prefill and report the speedup and whether the answers agree")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -47,6 +50,16 @@ def _parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fetch", help="fetch and convert a model once, so later runs load it in seconds")
     _model_args(f)
     f.set_defaults(func=_fetch)
+
+    pr = sub.add_parser("profile", help="find a model's critical layers for QCFuse on a calibration set")
+    _model_args(pr)
+    pr.add_argument("--data", required=True, help="calibration set in musique_s JSON format")
+    pr.add_argument("--samples", type=int, default=8)
+    pr.add_argument("--passages", type=int, default=4, help="passages per sample (shorter = faster)")
+    pr.add_argument("--ratio", type=float, default=0.15)
+    pr.add_argument("--n_critical", type=int, default=3)
+    pr.add_argument("--out", help="where to write the profile (default: stored with the model)")
+    pr.set_defaults(func=_profile)
 
     c = sub.add_parser("check", help="numeric self-check of the engine against transformers on a model")
     _model_args(c)
@@ -88,13 +101,34 @@ def _read_documents(paths: list[str]) -> list[str]:
     return docs
 
 
+def _options(pairs: list[str]) -> dict:
+    """KEY=VALUE strings to typed selector options (ints, floats, comma lists, strings)."""
+    from .errors import QcfuseError
+
+    def typed(text: str):
+        for cast in (int, float):
+            try:
+                return cast(text)
+            except ValueError:
+                pass
+        return text
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise QcfuseError(f"--opt expects KEY=VALUE, got '{pair}'")
+        out[key] = [typed(v) for v in value.split(",")] if "," in value else typed(value)
+    return out
+
+
 def _generate(args) -> int:
     from .engine import FusionEngine
     from .errors import QcfuseError
     from .fusion import make_selector
 
     docs = _read_documents(args.document)
-    selector = make_selector(args.method, args.ratio)       # unknown method / bad ratio: fail before loading
+    selector = make_selector(args.method, args.ratio, **_options(args.opt))   # fail before loading the model
     if args.max_new_tokens < 1:
         raise QcfuseError("--max_new_tokens must be at least 1")
     t0 = time.perf_counter()
@@ -140,6 +174,22 @@ def _generate(args) -> int:
 def _fetch(args) -> int:
     from .model.loader import resolve_model_dir
     print(f"{args.model}: ready in {resolve_model_dir(args.model)}")
+    return 0
+
+
+def _profile(args) -> int:
+    from .engine import FusionEngine
+    from .profile import PROFILE_FILE, musique_samples, profile_model
+    samples = musique_samples(args.data, args.samples, args.passages)
+    model = _load(args)
+    result = profile_model(FusionEngine(model), samples, args.ratio, args.n_critical)
+    out = Path(args.out) if args.out else model.directory / PROFILE_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": args.model, **result}, indent=1))
+    print("layer  mean KL")
+    for layer, kl in enumerate(result["mean_kl_per_layer"]):
+        print(f"{layer:5d}  {kl:.5f}{'  <- critical' if layer in result['critical_layers'] else ''}")
+    print(f"critical layers {result['critical_layers']} written to {out}")
     return 0
 
 

@@ -15,7 +15,7 @@ from .cache.keys import chunk_key
 from .cache.kv import ChunkKV
 from .cache.store import KVStore, MemoryStore
 from .errors import QcfuseError
-from .fusion import ReusedKV, Selector, make_selector
+from .fusion import SELECTORS, ReusedKV, Selector, make_selector
 from .fusion.fuse import fuse, greedy_decode
 from .model.loader import LoadedModel
 from .prompt import PromptLayout, build_layout
@@ -27,6 +27,7 @@ class Generation:
     token_ids: list[int]
     first_logits: torch.Tensor = field(repr=False)
     stats: dict
+    recomputed: torch.Tensor = field(repr=False, default=None)   # document positions recomputed
 
 
 class FusionEngine:
@@ -59,6 +60,8 @@ class FusionEngine:
             return entry, True
         k, v, _ = self.model.transformer.prefill(torch.tensor(ids, dtype=torch.long))
         entry = ChunkKV(k, v)
+        for selector in SELECTORS.values():
+            selector.offline(self.model, ids, entry)
         self.store.put(key, entry)
         return entry, False
 
@@ -92,7 +95,7 @@ class FusionEngine:
                 entry, hit = self._entry(ids)
                 pieces.append(entry)
                 hits, misses = hits + hit, misses + (not hit)
-            reused = ReusedKV(pieces)
+            reused = ReusedKV(pieces, prefix_len=len(layout.prefix))
         out = fuse(model, layout, reused, selector, capacity=layout.n_tokens + max_new_tokens)
         ttft = time.perf_counter() - t0
 
@@ -115,4 +118,4 @@ class FusionEngine:
             "new_tokens": len(tokens),
             "decode_s": decode_s,
         }
-        return Generation(answer, tokens, out.logits, stats)
+        return Generation(answer, tokens, out.logits, stats, out.recomputed)

@@ -6,6 +6,8 @@ away from zero, so a missing or wrong norm, bias, scale or RoPE variant shows up
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import (
@@ -235,8 +237,12 @@ def test_single_chunk_reuse_equals_full_prefill(family):
 
 
 class _StubTokenizer:
-    """Just what FusionEngine needs around token ids: a vocabulary to fingerprint, no EOS, a decode."""
+    """Just what FusionEngine needs around token ids: a vocabulary to fingerprint, no EOS, a decode, and an
+    encoder for the fixed probe text QCFuse appends offline (one id per character)."""
     eos_token_id = None
+
+    def __call__(self, text, add_special_tokens=False):
+        return SimpleNamespace(input_ids=[ord(c) % VOCAB for c in text])
 
     def get_vocab(self):
         return {str(i): i for i in range(VOCAB)}

@@ -21,7 +21,7 @@ def test_registry_and_unknown_method():
             make_selector("reuse", bad)
 
 
-@pytest.mark.parametrize("method", ["cacheblend", "epic"])
+@pytest.mark.parametrize("method", ["cacheblend", "epic", "prophetkv", "fuserag", "qcfuse"])
 @pytest.mark.parametrize("ratio", [0.0, 0.05, 0.15, 0.3, 0.77, 1.0])
 def test_budget_is_exact_and_only_document_tokens(smollm2_engine, method, ratio):
     layout = smollm2_engine.layout(DOCS, "Which city is coldest?")
@@ -68,3 +68,14 @@ def test_empty_prefix_layout_works(smollm2, smollm2_engine):
     layout = PromptLayout(prefix=[], chunks=base.chunks, suffix=base.suffix)
     gen = smollm2_engine.generate_layout(layout, make_selector("cacheblend", 0.5), max_new_tokens=2)
     assert gen.stats["recomputed_tokens"] == round(0.5 * layout.n_doc_tokens)
+
+
+def test_cacheblend_gradual_filtering(smollm2_engine):
+    layout = smollm2_engine.layout(DOCS, "Which city is coldest?")
+    selector = make_selector("cacheblend", 0.15, gradual=[0.5, 0.3])
+    assert selector.refine_layers == (1, 2, 3)
+    gen = smollm2_engine.generate_layout(layout, selector, max_new_tokens=1)
+    assert gen.stats["recomputed_tokens"] == round(0.15 * layout.n_doc_tokens)
+    for bad in ([0.1], [0.3, 0.5], [1.5]):
+        with pytest.raises(QcfuseError):
+            make_selector("cacheblend", 0.15, gradual=bad)

@@ -6,7 +6,7 @@ for the prompt plus the tokens to be decoded and written in place.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,6 +15,8 @@ import torch
 class ChunkKV:
     k: torch.Tensor   # [L, Hkv, n, D] pre-RoPE keys, computed with the chunk at positions 0..n-1
     v: torch.Tensor   # [L, Hkv, n, D]
+    # small per-chunk data computed offline for selectors (e.g. QCFuse's anchor ranking), by name
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def n_tokens(self) -> int:
@@ -22,7 +24,8 @@ class ChunkKV:
 
     @property
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+        tensors = [self.k, self.v, *self.extras.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class KVBuffer:

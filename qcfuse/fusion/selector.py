@@ -7,6 +7,7 @@ Selectors that need a probe of the query run it inside `select`, reading layers 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -19,20 +20,55 @@ from ..prompt import PromptLayout
 
 
 class ReusedKV:
-    """The reused context (prefix + chunks, pre-RoPE) as one span, fetched layer by layer."""
+    """The reused context (prefix + chunks, pre-RoPE) as one span, read layer by layer.
 
-    def __init__(self, pieces: list[ChunkKV]):
+    Three kinds of read, each logged in `reads` as (kind, layer) so pipelining claims can be tested:
+    "layer" (full K and V), "keys" (full K only), "anchors" (the prefix plus each chunk's anchor tokens).
+    """
+
+    def __init__(self, pieces: list[ChunkKV], prefix_len: int = 0):
         self.pieces = pieces
-        self.layers_read: list[int] = []
-        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.prefix_len = prefix_len                  # leading context tokens that are never compressed
+        self.starts = [0]
+        for p in pieces:
+            self.starts.append(self.starts[-1] + p.n_tokens)
+        self.reads: list[tuple[str, int]] = []
+        self._layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def layers_read(self) -> list[int]:
+        return [layer for kind, layer in self.reads if kind == "layer"]
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-RoPE keys and values of every context token at `layer`: [Hkv, C, D] each."""
-        if layer not in self._cache:
-            self.layers_read.append(layer)
-            self._cache[layer] = (torch.cat([p.k[layer] for p in self.pieces], dim=1),
-                                  torch.cat([p.v[layer] for p in self.pieces], dim=1))
-        return self._cache[layer]
+        if layer not in self._layers:
+            self.reads.append(("layer", layer))
+            self._layers[layer] = (torch.cat([p.k[layer] for p in self.pieces], dim=1),
+                                   torch.cat([p.v[layer] for p in self.pieces], dim=1))
+        return self._layers[layer]
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """Pre-RoPE keys of every context token at `layer` (no values): [Hkv, C, D]."""
+        if layer in self._layers:
+            return self._layers[layer][0]
+        self.reads.append(("keys", layer))
+        return torch.cat([p.k[layer] for p in self.pieces], dim=1)
+
+    def anchors(self, layer: int, ratio: float, name: str = "anchor_rank"):
+        """A compressed view at `layer`: every prefix token plus, per chunk, its first ceil(ratio*n) tokens in
+        the chunk's stored anchor ranking. Returns (positions [m], pre-RoPE k [Hkv, m, D], v)."""
+        self.reads.append(("anchors", layer))
+        positions, ks, vs = [], [], []
+        for piece, start in zip(self.pieces, self.starts):
+            if start < self.prefix_len or name not in piece.extras:
+                idx = torch.arange(piece.n_tokens)
+            else:
+                rank = piece.extras[name][layer]
+                idx = rank[: max(1, math.ceil(ratio * piece.n_tokens))].long().sort().values
+            positions.append(idx + start)
+            ks.append(piece.k[layer][:, idx])
+            vs.append(piece.v[layer][:, idx])
+        return torch.cat(positions), torch.cat(ks, dim=1), torch.cat(vs, dim=1)
 
 
 @dataclass
@@ -69,6 +105,10 @@ class Selector:
         """How many document tokens to recompute: the ratio always means a share of the document tokens."""
         return int(round(self.ratio * layout.n_doc_tokens))
 
+    @classmethod
+    def offline(cls, model, ids: list[int], entry: ChunkKV) -> None:
+        """Add this method's small per-chunk data to `entry.extras` when a chunk is prepared (default: none)."""
+
     def select(self, inputs: FusionInputs) -> torch.Tensor:
         """Absolute positions of the document tokens to recompute from layer 0 (the suffix always is)."""
         raise NotImplementedError
@@ -89,4 +129,7 @@ def register(cls: type[Selector]) -> type[Selector]:
 def make_selector(name: str, ratio: float = 0.15, **options) -> Selector:
     if name not in SELECTORS:
         raise QcfuseError(f"unknown method '{name}' (choose from: {', '.join(sorted(SELECTORS))})")
-    return SELECTORS[name](ratio=ratio, **options)
+    try:
+        return SELECTORS[name](ratio=ratio, **options)
+    except TypeError as exc:          # an option this method does not have
+        raise QcfuseError(f"bad option for method '{name}': {exc}") from None

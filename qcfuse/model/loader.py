@@ -47,6 +47,7 @@ class LoadedModel:
     name: str
     transformer: Transformer
     tokenizer: object
+    directory: Path | None = None
     _fingerprint: str | None = field(default=None, repr=False)
 
     @property
@@ -69,8 +70,12 @@ class LoadedModel:
 
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, quiet: bool = False) -> LoadedModel:
+    from ..profile import load_profile
     directory = resolve_model_dir(spec, quiet=quiet)
-    return LoadedModel(spec, Transformer(_load_hf_dir(directory, dtype)), _load_tokenizer(directory))
+    transformer = Transformer(_load_hf_dir(directory, dtype))
+    profile = load_profile(directory, spec if spec in ALIASES else None)
+    transformer.critical_layers = profile["critical_layers"] if profile else None   # read by QCFuse
+    return LoadedModel(spec, transformer, _load_tokenizer(directory), directory=directory)
 
 
 def resolve_model_dir(spec: str, quiet: bool = False) -> Path:

@@ -1,0 +1,73 @@
+"""Running a few query rows (a question, a probe) through the model over a *given* context, and reading
+their attention. Shared by the query-aware selectors and by the offline anchor pass.
+
+The context is supplied per layer as (positions, pre-RoPE keys, values), so a caller can hand in the whole
+reused cache (ProphetKV), or a compressed view of it (QCFuse's anchors).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..model.transformer import Transformer
+
+Context = Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]   # layer -> (pos [m], k [Hkv,m,D], v)
+OnLayer = Callable[[int, torch.Tensor], None]                                 # (layer, q [H, n, D] after RoPE)
+
+
+@torch.inference_mode()
+def run_probe(model: Transformer, ids: torch.Tensor, positions: torch.Tensor, context: Context,
+              n_layers: int, on_layer: OnLayer) -> None:
+    """Compute rows `ids` at `positions` through layers 0..n_layers-1, each attending over context(l) and
+    causally over themselves; call on_layer(l, q) with the rows' queries at every layer."""
+    h = model.embed(ids.to(model.device))
+    for layer in range(n_layers):
+        ctx_pos, ctx_k, ctx_v = context(layer)
+        q, k, v = model.project_qkv(layer, h, positions)
+        on_layer(layer, q)
+        keys = torch.cat([model.rope(layer, ctx_k, ctx_pos), model.rope(layer, k, positions)], dim=1)
+        values = torch.cat([ctx_v, v], dim=1)
+        h = model.attend(layer, h, q, keys, values, positions, torch.cat([ctx_pos, positions]))
+
+
+def attention_probs(model: Transformer, layer: int, q: torch.Tensor, q_pos: torch.Tensor,
+                    keys: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of queries q [H, n, D] over roped keys [Hkv, m, D]: [H, n, m] in fp32."""
+    group = model.n_heads // model.n_kv_heads
+    keys = keys.repeat_interleave(group, dim=0).float()
+    scores = q.float() @ keys.transpose(1, 2) * model.spec.layers[layer].scaling
+    scores.masked_fill_(~model.attention_mask(layer, q_pos, k_pos)[None], float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+def top_positions(scores: torch.Tensor, positions: torch.Tensor, k: int) -> torch.Tensor:
+    """The k positions with the highest scores, sorted."""
+    k = min(k, scores.numel())
+    return positions[scores.float().topk(k).indices.cpu()].sort().values
+
+
+def question_scores(model: Transformer, layout, context: Context, layers: list[int],
+                    keys: Callable[[int], torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+    """Score every document token by the attention the suffix (question + answer cue) pays it.
+
+    The suffix runs through layers 0..max(layers) over context(l); at each layer in `layers` its queries
+    attend over keys(l) (pre-RoPE keys of the whole context), the probabilities on document tokens are
+    reduced over heads and query tokens (mean or max), normalized to sum 1, and averaged over `layers`.
+    Returns scores [n_doc_tokens] in document-position order.
+    """
+    ctx, doc0 = layout.context_len, len(layout.prefix)
+    ctx_pos = torch.arange(ctx, device=model.device)
+    q_pos = layout.suffix_positions().to(model.device)
+    wanted = set(layers)
+    total = torch.zeros(layout.n_doc_tokens)
+
+    def on_layer(layer: int, q: torch.Tensor) -> None:
+        if layer in wanted:
+            keys_roped = model.rope(layer, keys(layer), ctx_pos)
+            probs = attention_probs(model, layer, q, q_pos, keys_roped, ctx_pos)[:, :, doc0:]
+            s = probs.amax(dim=(0, 1)) if reduction == "max" else probs.mean(dim=(0, 1))
+            total.add_((s / s.sum().clamp_min(1e-30)).cpu())
+
+    run_probe(model, torch.tensor(layout.suffix), q_pos, context, max(layers) + 1, on_layer)
+    return total / len(wanted)

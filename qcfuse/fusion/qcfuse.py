@@ -1,0 +1,67 @@
+"""QCFuse (arXiv 2606.05875): query-aware selection on a compressed view, inside the layer pipeline.
+
+Offline, each chunk gets an anchor ranking per layer: its first 4 ("sink") tokens, then the tokens that a
+fixed repeat-the-passage probe appended after the chunk attends to most (max over heads and probe tokens).
+Online, the question runs over the prefix + each chunk's top anchors (~10%) through layers 0..max(C) only,
+and scores every document token by its attention against the *full* keys of the few critical layers C.
+So selection needs the small anchor view plus the keys of |C| layers (~15% of the cache), not all of it.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import QcfuseError
+from .probe import attention_probs, question_scores, run_probe, top_positions
+from .selector import Selector, register
+
+PROBE_TEXT = "\n\nRepeat the passage above, word for word."
+N_SINKS = 4
+
+
+@register
+class QCFuse(Selector):
+    name = "qcfuse"
+
+    def __init__(self, ratio: float = 0.15, critical_layers: list[int] | None = None, n_critical: int = 3,
+                 reduction: str = "mean", anchor_ratio: float = 0.10):
+        super().__init__(ratio)
+        if reduction not in ("mean", "max"):
+            raise QcfuseError("reduction must be 'mean' or 'max'")
+        if not 0.0 < anchor_ratio <= 1.0:
+            raise QcfuseError("anchor_ratio must be within (0, 1]")
+        self.critical_layers, self.n_critical = critical_layers, int(n_critical)
+        self.reduction, self.anchor_ratio = reduction, float(anchor_ratio)
+
+    def layers_for(self, model) -> list[int]:
+        layers = self.critical_layers or (getattr(model, "critical_layers", None) or [])[: self.n_critical]
+        if not layers:  # no profile for this model: spread over the middle of the stack
+            n = model.n_layers
+            layers = sorted({max(0, min(n - 1, round(n * f))) for f in (0.25, 0.4, 0.55)})[: self.n_critical]
+        if any(not 0 <= layer < model.n_layers for layer in layers):
+            raise QcfuseError(f"critical layers {layers} outside 0..{model.n_layers - 1}")
+        return sorted(layers)
+
+    def select(self, inputs):
+        model, layout, reused = inputs.model, inputs.layout, inputs.reused
+        scores = question_scores(model, layout, lambda layer: reused.anchors(layer, self.anchor_ratio),
+                                 self.layers_for(model), reused.keys, self.reduction)
+        return top_positions(scores, layout.doc_positions(), self.budget(layout))
+
+    @classmethod
+    def offline(cls, model, ids: list[int], entry) -> None:
+        """Rank each chunk token per layer by the attention of a repeat-the-passage probe appended after it."""
+        t = model.transformer
+        probe = torch.tensor(model.tokenizer(PROBE_TEXT, add_special_tokens=False).input_ids)
+        n = len(ids)
+        ctx_pos = torch.arange(n, device=t.device)
+        probe_pos = torch.arange(n, n + len(probe), device=t.device)
+        scores = torch.zeros(t.n_layers, n)
+
+        def on_layer(layer: int, q: torch.Tensor) -> None:
+            probs = attention_probs(t, layer, q, probe_pos, t.rope(layer, entry.k[layer], ctx_pos), ctx_pos)
+            scores[layer] = probs.amax(dim=(0, 1)).cpu()
+
+        run_probe(t, probe, probe_pos, lambda layer: (ctx_pos, entry.k[layer], entry.v[layer]), t.n_layers,
+                  on_layer)
+        scores[:, : min(N_SINKS, n)] = float("inf")                  # sinks first, inside the budget
+        entry.extras["anchor_rank"] = scores.argsort(dim=1, descending=True).to(torch.int32)

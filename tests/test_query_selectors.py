@@ -1,0 +1,89 @@
+"""Query-aware selectors (ProphetKV, FuseRAG, QCFuse): needle recall, budgets, and what QCFuse reads."""
+import pytest
+
+from needle import QUESTION, needle_documents, needle_positions
+from qcfuse.errors import QcfuseError
+from qcfuse.fusion import FusionInputs, ReusedKV, make_selector
+
+QUERY_AWARE = ("prophetkv", "fuserag", "qcfuse")
+
+
+@pytest.fixture(scope="module")
+def needle(smollm2, smollm2_engine):
+    layout = smollm2_engine.layout(needle_documents(), QUESTION)
+    pieces = [smollm2_engine._entry(ids)[0] for ids in [layout.prefix, *layout.chunks]]
+    return layout, pieces, needle_positions(smollm2.tokenizer, layout)
+
+
+def _select(smollm2, needle, method, ratio, **options):
+    layout, pieces, _ = needle
+    reused = ReusedKV(pieces, prefix_len=len(layout.prefix))
+    picked = make_selector(method, ratio, **options).select(FusionInputs(smollm2.transformer, layout, reused))
+    return picked, reused
+
+
+def test_needle_recall_query_aware_vs_static(smollm2, needle):
+    """At ratio 0.15 the query-aware selectors find the planted fact far above chance (0.15 for a random
+    pick); EPIC, static, cannot. Measured: prophetkv 0.57, fuserag 0.50, qcfuse 0.36 (profiled layers)."""
+    positions = needle[2]
+    assert 10 <= len(positions) <= 20
+    recall = {}
+    for method in (*QUERY_AWARE, "epic"):
+        picked, _ = _select(smollm2, needle, method, 0.15)
+        recall[method] = len(set(picked.tolist()) & positions) / len(positions)
+    for method in QUERY_AWARE:
+        assert recall[method] >= 0.3, recall
+    assert recall["epic"] == 0.0, recall
+
+
+@pytest.mark.parametrize("method", QUERY_AWARE)
+@pytest.mark.parametrize("ratio", [0.0, 0.05, 0.15, 0.5, 1.0])
+def test_budget_exact_documents_only(smollm2, needle, method, ratio):
+    layout = needle[0]
+    picked, _ = _select(smollm2, needle, method, ratio)
+    assert picked.numel() == round(ratio * layout.n_doc_tokens)
+    assert picked.unique().numel() == picked.numel()
+    assert all(len(layout.prefix) <= p < layout.context_len for p in picked.tolist())
+
+
+def test_qcfuse_selects_before_reading_the_whole_cache(smollm2, needle):
+    """QCFuse's selection reads anchors up to max(C) and the keys of C only: no full layer (K and V)."""
+    layers = [10, 14, 20]
+    picked, reused = _select(smollm2, needle, "qcfuse", 0.15, critical_layers=layers)
+    assert reused.layers_read == []
+    assert [l for kind, l in reused.reads if kind == "keys"] == layers
+    assert [l for kind, l in reused.reads if kind == "anchors"] == list(range(max(layers) + 1))
+    # what it read as a share of the cache: anchor K/V of layers 0..max(C) (prefix in full) + K of C
+    pieces = needle[1]
+    total = sum(p.k.numel() + p.v.numel() for p in pieces)
+    read = sum(reused.anchors(l, 0.10)[1].numel() * 2 for l in range(max(layers) + 1))
+    read += sum(reused.keys(l).numel() for l in layers)
+    assert read / total < 0.20
+
+
+def test_qcfuse_anchors_start_with_sinks(smollm2, needle):
+    _, pieces, _ = needle
+    rank = pieces[1].extras["anchor_rank"]
+    assert rank.shape == (smollm2.transformer.n_layers, pieces[1].n_tokens)
+    for layer in range(rank.shape[0]):
+        assert sorted(rank[layer, :4].tolist()) == [0, 1, 2, 3]
+        assert sorted(rank[layer].tolist()) == list(range(pieces[1].n_tokens))
+
+
+def test_qcfuse_full_fusion_is_exact_at_ratio_one(smollm2, smollm2_engine):
+    from qcfuse.check import CHECK_DOCUMENTS, CHECK_QUESTION, logit_distance, reference_logits
+    layout = smollm2_engine.layout(CHECK_DOCUMENTS, CHECK_QUESTION)
+    for method in QUERY_AWARE:
+        d, _ = logit_distance(smollm2, smollm2_engine, layout, method, 1.0, reference_logits(smollm2, layout))
+        assert d <= 1e-4, method
+
+
+def test_qcfuse_uses_the_profiled_layers(smollm2):
+    from qcfuse.fusion.qcfuse import QCFuse
+    assert smollm2.transformer.critical_layers, "the default model ships a profile"
+    assert QCFuse().layers_for(smollm2.transformer) == sorted(smollm2.transformer.critical_layers[:3])
+    with pytest.raises(QcfuseError):
+        QCFuse(critical_layers=[99]).layers_for(smollm2.transformer)
+    for bad in ({"reduction": "median"}, {"anchor_ratio": 0}, {"nonsense": 1}):
+        with pytest.raises(QcfuseError):
+            make_selector("qcfuse", 0.1, **bad)
