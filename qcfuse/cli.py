@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--compare", action="store_true",
                    help="also run full prefill and report the speedup and whether the answers agree")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    _store_args(g)
     g.set_defaults(func=_generate)
 
     f = sub.add_parser("fetch", help="fetch and convert a model once, so later runs load it in seconds")
@@ -65,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     _model_args(c)
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=_check)
+
+    _add_cache_commands(sub)
+    _add_eval_commands(sub)
+    _add_serve_command(sub)
     return p
 
 
@@ -134,7 +139,7 @@ def _generate(args) -> int:
     t0 = time.perf_counter()
     model = _load(args)
     load_s = time.perf_counter() - t0
-    engine = FusionEngine(model)
+    engine = FusionEngine(model, store=_open_store(args))
     layout = engine.layout(docs, args.question)
     engine.check_fits(layout, args.max_new_tokens)
 
@@ -160,8 +165,10 @@ def _generate(args) -> int:
           f"{out['context_tokens']} document tokens (+{out['suffix_tokens']} suffix tokens)")
     print(f"  TTFT {out['ttft_s'] * 1000:.1f} ms, of which selection {out['selection_s'] * 1000:.1f} ms; "
           f"decode {out['new_tokens']} tokens in {out['decode_s']:.2f} s")
-    print(f"  chunk cache: {out['cache_hits']} hits, {out['cache_misses']} misses "
-          f"({prepared} chunks prepared offline in {prepare_s:.2f} s); model loaded in {load_s:.1f} s")
+    tiers = ", ".join(f"{n} {t}" for t, n in out["hits_by_tier"].items()) or "none"
+    print(f"  chunk cache: {out['cache_hits']} hits (by tier: {tiers}), {out['cache_misses']} misses "
+          f"({prepared} chunks prepared offline in {prepare_s:.2f} s); {out['bytes_loaded'] / 1e6:.1f} MB loaded, "
+          f"{out['io_wait_s'] * 1000:.1f} ms waiting on I/O; model loaded in {load_s:.1f} s")
     if args.compare:
         print(f"  full prefill: TTFT {out['fullcomp_ttft_s'] * 1000:.1f} ms -> speedup {out['speedup']:.2f}x; "
               f"same answer: {'yes' if out['same_answer'] else 'no'}; "
@@ -205,6 +212,204 @@ def _check(args) -> int:
             print(f"  [{'PASS' if r['passed'] else 'FAIL'}] {r['name']}: {r['detail']}")
         print(f"{'all checks passed' if ok else 'SOME CHECKS FAILED'} for {args.model}")
     return 0 if ok else 1
+
+
+# -- evaluation: qcfuse data ruler / eval / sweep (logic in qcfuse/eval) ---------------------------------------
+def _add_eval_commands(sub) -> None:
+    d = sub.add_parser("data", help="write evaluation data sets (RULER-style synthetic tasks)")
+    dsub = d.add_subparsers(metavar="KIND")
+    d.set_defaults(func=lambda args: d.print_help() or EXIT_USAGE)
+    r = dsub.add_parser("ruler", help="generate a seeded RULER set: mv, mq (needles in essays) or vt")
+    r.add_argument("--task", required=True, choices=["mv", "mq", "vt"])
+    r.add_argument("--n", type=int, default=100, help="number of samples (default 100)")
+    r.add_argument("--out", required=True, help="jsonl to write, e.g. data/ruler_mv.jsonl")
+    r.add_argument("--tokens", type=int, default=7000, help="prompt length in the model's tokens (default 7000)")
+    r.add_argument("--chunk_tokens", type=int, default=512, help="tokens per chunk (default 512)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--haystack", help="directory of .txt essays (default: ../shared/data/pg_essays)")
+    r.add_argument("--model", "-m", default="smollm2-135m", help="whose tokenizer counts the tokens")
+    r.set_defaults(func=_data_ruler)
+
+    for name, helptext in (("eval", "evaluate one method at one ratio on a dataset (resumable jsonl)"),
+                           ("sweep", "evaluate a grid of methods x ratios; write table.md and tradeoff.png")):
+        e = sub.add_parser(name, help=helptext)
+        _model_args(e)
+        e.add_argument("--dataset", required=True,
+                       help="hotpotqa, 2wikimqa, musique (LongBench jsonl), musique_s, ruler_mv, ruler_mq, ruler_vt")
+        e.add_argument("--data_dir", help="directory with the dataset files (default: ../shared/data; RULER "
+                                          "without it is generated on the fly)")
+        e.add_argument("--size", type=int, help="first N samples (default: all; RULER on the fly: 100)")
+        e.add_argument("--cache_dir", help="chunk caches and full-prefill references persist here")
+        e.add_argument("--max_new_tokens", type=int, help="default: 32 for QA sets, 64/64/48 for ruler_mv/mq/vt")
+        e.add_argument("--tokens", type=int, help="RULER on the fly: prompt length (default 7000)")
+        e.add_argument("--chunk_tokens", type=int, help="RULER on the fly: tokens per chunk (default 512)")
+        e.add_argument("--seed", type=int, default=0, help="RULER on the fly: seed")
+        e.add_argument("--quiet", action="store_true", help="no progress bars")
+        e.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; 1 avoids "
+                                                   "oversubscription on shared cores)")
+        if name == "eval":
+            e.add_argument("--baseline", "--method", dest="method", required=True,
+                           help="fullcomp, reuse, cacheblend, epic, prophetkv, fuserag, qcfuse")
+            e.add_argument("--ratio", type=float, default=0.15, help="share of document tokens recomputed")
+            e.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="a method option")
+            e.add_argument("--out", help="results jsonl (default: results/{dataset}_{method}_r{ratio}.jsonl)")
+            e.set_defaults(func=_eval)
+        else:
+            e.add_argument("--methods", required=True, help="comma-separated, e.g. reuse,cacheblend,qcfuse")
+            e.add_argument("--ratios", default="0.05,0.1,0.15,0.3,0.5")
+            e.add_argument("--out_dir", help="default: results/sweep_{dataset}")
+            e.set_defaults(func=_sweep)
+
+
+def _data_ruler(args) -> int:
+    from .eval import ruler
+    tokenizer = ruler.load_tokenizer(args.model)
+    samples = ruler.generate(args.task, args.n, tokenizer, args.tokens, args.seed, args.chunk_tokens,
+                             args.haystack, progress=True)
+    out = ruler.write_jsonl(samples, args.out)
+    lengths = [s["prompt_tokens"] for s in samples]
+    print(f"wrote {len(samples)} ruler_{args.task} samples to {out} (prompt tokens {min(lengths)}-{max(lengths)}, "
+          f"{len(samples[0]['documents'])} chunks in the first)")
+    return 0
+
+
+def _eval_config(args, **extra):
+    from .eval.runner import EvalConfig
+    if args.threads is not None:
+        import torch
+        if args.threads < 1:
+            from .errors import QcfuseError
+            raise QcfuseError("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    return EvalConfig(dataset=args.dataset, size=args.size, data_dir=args.data_dir, cache_dir=args.cache_dir,
+                      model=args.model, dtype=args.dtype, max_new_tokens=args.max_new_tokens, tokens=args.tokens,
+                      seed=args.seed, chunk_tokens=args.chunk_tokens, progress=not args.quiet, **extra)
+
+
+def _eval(args) -> int:
+    from .eval.runner import run_eval
+    cfg = _eval_config(args, method=args.method, ratio=args.ratio, options=_options(args.opt), out=args.out)
+    run_eval(cfg)
+    return 0
+
+
+def _sweep(args) -> int:
+    from .eval.sweep import parse_list, run_sweep
+    methods = parse_list(args.methods, "methods")
+    ratios = parse_list(args.ratios, "ratios", float)
+    run_sweep(_eval_config(args, method="fullcomp", ratio=None), methods, ratios,
+              args.out_dir or f"results/sweep_{args.dataset}")
+    return 0
+
+
+# -- cache: qcfuse prepare, qcfuse cache stats|clear ---------------------------------------------------------------
+def _store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache_dir", help="keep chunk caches in this directory (survives restarts)")
+    p.add_argument("--redis_url", help="share chunk caches through Redis, e.g. redis://localhost:6379/0")
+    p.add_argument("--disk_gb", type=float, default=64.0, help="cap of the --cache_dir tier in GB (LRU; default 64)")
+
+
+def _open_store(args):
+    from .cache import open_store
+    from .errors import QcfuseError
+    if args.disk_gb <= 0:
+        raise QcfuseError("--disk_gb must be positive")
+    return open_store(cache_dir=args.cache_dir, redis_url=args.redis_url, disk_bytes=int(args.disk_gb * 1e9))
+
+
+def _add_cache_commands(sub) -> None:
+    pp = sub.add_parser("prepare", help="precompute chunk caches offline (skips chunks already stored)")
+    _model_args(pp)
+    pp.add_argument("--documents", required=True, metavar="DIR_OR_FILE",
+                    help="a directory of .txt files (one document each), a .jsonl (one document per line: a string, "
+                         "{\"text\": ...} or {\"documents\": [...]}), or a musique_s-style .json")
+    _store_args(pp)
+    pp.set_defaults(func=_prepare)
+
+    c = sub.add_parser("cache", help="inspect or empty the chunk cache tiers")
+    csub = c.add_subparsers(metavar="ACTION")
+    c.set_defaults(func=lambda args: c.print_help() or EXIT_USAGE)
+    for action, helptext in (("stats", "entries and bytes per tier"), ("clear", "delete every entry")):
+        a = csub.add_parser(action, help=helptext)
+        _store_args(a)
+        a.add_argument("--json", action="store_true")
+        a.set_defaults(func=_cache, action=action)
+
+
+def _prepare(args) -> int:
+    from .cache.documents import read_document_sets
+    from .errors import QcfuseError
+    from .engine import FusionEngine
+    from tqdm import tqdm
+    if not args.cache_dir and not args.redis_url:
+        raise QcfuseError("prepare needs --cache_dir and/or --redis_url (a memory-only cache ends with the process)")
+    sets = read_document_sets(args.documents)
+    store = _open_store(args)
+    engine = FusionEngine(_load(args), store=store)
+    computed = total = 0
+    t0 = time.perf_counter()
+    for docs in tqdm(sets, desc="preparing", unit="set", disable=len(sets) < 2):
+        computed += engine.prepare(docs, progress=True)
+        total += len(docs)
+    pieces = total + len(sets)              # each group's prompt prefix is a (shared) cache entry too
+    print(f"{total} documents: {computed} caches computed, {pieces - computed} already stored "
+          f"(the shared prompt prefix counts as one; {time.perf_counter() - t0:.1f} s)")
+    for s in store.stats()[1:]:
+        print(f"  {s['tier']}: {s.get('entries', '?')} entries, {s.get('bytes', 0) / 1e6:.1f} MB")
+    return 0
+
+
+def _cache(args) -> int:
+    from .errors import QcfuseError
+    if not args.cache_dir and not args.redis_url:
+        raise QcfuseError("name a tier: --cache_dir and/or --redis_url")
+    store = _open_store(args)
+    tiers = store.tiers[1:]                       # the memory tier of this process is always empty
+    store.tiers = tiers
+    if args.action == "clear":
+        out = store.clear()
+        print(json.dumps(out) if args.json else
+              "\n".join(f"{tier}: {n} entries deleted" for tier, n in out.items()))
+        return 0
+    stats = store.stats()
+    if args.json:
+        print(json.dumps(stats))
+    for s in stats if not args.json else []:
+        if s.get("unavailable"):
+            print(f"{s['tier']}: unavailable")
+            continue
+        where = s.get("path") or s.get("url")
+        cap = f" of {s['max_bytes'] / 1e9:.1f} GB" if "max_bytes" in s else ""
+        print(f"{s['tier']} ({where}): {s['entries']} entries, {s['bytes'] / 1e6:.1f} MB{cap}")
+    return 0
+
+
+# -- serving: qcfuse serve (logic in qcfuse/serve) --------------------------------------------------------------
+def _add_serve_command(sub) -> None:
+    sv = sub.add_parser("serve", help="OpenAI-compatible chat completions server; documents become cached chunks")
+    _model_args(sv)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--method", default="qcfuse", help="fusion method when a request names none (default: qcfuse)")
+    sv.add_argument("--ratio", type=float, default=0.15, help="recompute ratio when a request names none (0.15)")
+    sv.add_argument("--cache_dir", help="keep chunk caches in this directory too")
+    sv.add_argument("--redis_url", help="share chunk caches through this Redis, e.g. redis://localhost:6379/0")
+    sv.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sv.set_defaults(func=_serve)
+
+
+def _serve(args) -> int:
+    from .cache import open_store
+    from .engine import FusionEngine
+    from .fusion import make_selector
+    from .serve import check_port_free, run_server
+    make_selector(args.method, args.ratio)                    # fail before loading the model
+    check_port_free(args.host, args.port)
+    model = _load(args)
+    engine = FusionEngine(model, store=open_store(cache_dir=args.cache_dir, redis_url=args.redis_url))
+    engine.warmup()
+    run_server(engine, args.model, args.host, args.port, args.method, args.ratio, args.log_level)
+    return 0
 
 
 if __name__ == "__main__":

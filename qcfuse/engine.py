@@ -11,12 +11,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from collections import Counter
+
 from .cache.keys import chunk_key
 from .cache.kv import ChunkKV
-from .cache.store import KVStore, MemoryStore
+from .cache.loader import ChunkSource, LayerLoader
+from .cache.store import MemoryReader, TieredStore
 from .errors import QcfuseError
 from .fusion import SELECTORS, ReusedKV, Selector, make_selector
-from .fusion.fuse import fuse, greedy_decode
+from .fusion.fuse import FuseResult, fuse, greedy_decode
 from .model.loader import LoadedModel
 from .prompt import PromptLayout, build_layout
 
@@ -31,9 +34,10 @@ class Generation:
 
 
 class FusionEngine:
-    def __init__(self, model: LoadedModel, store: KVStore | None = None):
+    def __init__(self, model: LoadedModel, store: TieredStore | None = None, background_loading: bool = True):
         self.model = model
-        self.store = store if store is not None else MemoryStore()
+        self.store = store if store is not None else TieredStore()
+        self.background_loading = background_loading     # False: read each layer only when compute needs it
         _ = model.fingerprint          # hash the weights now, not inside the first request's TTFT
 
     def warmup(self) -> None:
@@ -51,19 +55,41 @@ class FusionEngine:
         layout = self.layout(documents, "?")
         pieces = [ids for ids in [layout.prefix, *layout.chunks] if ids]
         bar = tqdm(pieces, desc="preparing chunk caches", unit="chunk", disable=not progress, leave=False)
-        return sum(not self._entry(ids)[1] for ids in bar)
+        computed = 0
+        for ids in bar:
+            if not self.store.contains(self._key(ids), self.model.fingerprint):
+                self._compute_and_store(ids)
+                computed += 1
+        return computed
 
-    def _entry(self, ids: list[int]) -> tuple[ChunkKV, bool]:
-        key = chunk_key(self.model.fingerprint, ids)
-        entry = self.store.get(key)
-        if entry is not None:
-            return entry, True
+    def _key(self, ids: list[int]) -> str:
+        return chunk_key(self.model.fingerprint, ids)
+
+    def _compute_and_store(self, ids: list[int]) -> ChunkKV:
+        """Prefill a chunk on its own (positions from 0), add every selector's offline extras, store it."""
         k, v, _ = self.model.transformer.prefill(torch.tensor(ids, dtype=torch.long))
         entry = ChunkKV(k, v)
         for selector in SELECTORS.values():
             selector.offline(self.model, ids, entry)
-        self.store.put(key, entry)
-        return entry, False
+        self.store.put(self._key(ids), self.model.fingerprint, entry)
+        return entry
+
+    def _source(self, ids: list[int]) -> tuple[ChunkSource, bool]:
+        """A chunk's cache as the fuse loop reads it, from whichever tier has it (computed on a miss)."""
+        key = self._key(ids)
+        reader = self.store.open(key, self.model.fingerprint)
+        hit = reader is not None
+        if not hit:
+            reader = MemoryReader(self._compute_and_store(ids), tier="computed")
+        return ChunkSource(reader, recompute=lambda: self._compute_and_store(ids),
+                           on_corrupt=lambda why: self.store.discard(key, why)), hit
+
+    def _entry(self, ids: list[int]) -> tuple[ChunkKV, bool]:
+        """A chunk's whole cache at once (tools and tests; requests stream layers instead)."""
+        entry = self.store.get(self._key(ids), self.model.fingerprint)
+        if entry is not None:
+            return entry, True
+        return self._compute_and_store(ids), False
 
     def check_fits(self, layout: PromptLayout, max_new_tokens: int) -> None:
         if max_new_tokens < 1:
@@ -82,32 +108,45 @@ class FusionEngine:
 
     def generate_layout(self, layout: PromptLayout, selector: Selector, max_new_tokens: int = 32,
                         t0: float | None = None) -> Generation:
+        out, stats = self.prefill(layout, selector, max_new_tokens, t0)
+        t1 = time.perf_counter()
+        tokens = greedy_decode(self.model.transformer, out.buffer, out.logits, layout.n_tokens, max_new_tokens,
+                               self.model.stop_ids)
+        stats.update(new_tokens=len(tokens), decode_s=time.perf_counter() - t1)
+        text_ids = [t for t in tokens if t not in self.model.stop_ids]
+        answer = self.model.tokenizer.decode(text_ids, skip_special_tokens=True).strip()
+        return Generation(answer, tokens, out.logits, stats, out.recomputed)
+
+    def prefill(self, layout: PromptLayout, selector: Selector, max_new_tokens: int = 32,
+                t0: float | None = None) -> tuple[FuseResult, dict]:
+        """Everything up to the first token: the fused cache (room for `max_new_tokens` more), the first
+        logits, and the request's stats. Streaming servers decode from here one token at a time."""
         t0 = time.perf_counter() if t0 is None else t0
         model = self.model.transformer
         self.check_fits(layout, max_new_tokens)
-        hits = misses = 0
-        reused = None
+        hits, misses, by_tier = 0, 0, Counter()
+        reused = loader = None
+        sources = []
         if selector.uses_cache:
-            pieces = []
             if layout.prefix:
-                pieces.append(self._entry(layout.prefix)[0])   # shared by every request: not counted
+                sources.append(self._source(layout.prefix)[0])   # shared by every request: not counted
             for ids in layout.chunks:
-                entry, hit = self._entry(ids)
-                pieces.append(entry)
+                source, hit = self._source(ids)
+                sources.append(source)
                 hits, misses = hits + hit, misses + (not hit)
-            reused = ReusedKV(pieces, prefix_len=len(layout.prefix))
-        out = fuse(model, layout, reused, selector, capacity=layout.n_tokens + max_new_tokens)
-        ttft = time.perf_counter() - t0
-
-        t1 = time.perf_counter()
-        tokens = greedy_decode(model, out.buffer, out.logits, layout.n_tokens, max_new_tokens, self.model.stop_ids)
-        decode_s = time.perf_counter() - t1
-        text_ids = [t for t in tokens if t not in self.model.stop_ids]
-        answer = self.model.tokenizer.decode(text_ids, skip_special_tokens=True).strip()
+                if hit:
+                    by_tier[source.tier] += 1
+            loader = LayerLoader(sources, model.n_layers, model.device, background=self.background_loading)
+            reused = ReusedKV(sources, prefix_len=len(layout.prefix), loader=loader)
+        try:
+            out = fuse(model, layout, reused, selector, capacity=layout.n_tokens + max_new_tokens)
+        finally:
+            if loader is not None:
+                loader.close()
         stats = {
             "method": selector.name,
             "ratio": selector.ratio,
-            "ttft_s": ttft,
+            "ttft_s": time.perf_counter() - t0,
             "selection_s": out.selection_s,
             "recomputed_tokens": int(out.recomputed.numel()),
             "context_tokens": layout.n_doc_tokens,
@@ -115,7 +154,11 @@ class FusionEngine:
             "suffix_tokens": len(layout.suffix),
             "cache_hits": hits,
             "cache_misses": misses,
-            "new_tokens": len(tokens),
-            "decode_s": decode_s,
+            "hits_by_tier": dict(by_tier),
+            "bytes_loaded": loader.bytes_loaded if loader else 0,
+            "io_wait_s": loader.io_wait_s if loader else 0.0,
+            "chunks_recomputed": sum(s.recomputed for s in sources),
+            "new_tokens": 0,
+            "decode_s": 0.0,
         }
-        return Generation(answer, tokens, out.logits, stats, out.recomputed)
+        return out, stats

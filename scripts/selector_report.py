@@ -90,7 +90,7 @@ def main() -> int:
                 sink.write(json.dumps(rec) + "\n")
                 sink.flush()
             # a sample's chunks are not reused by later samples: keep memory flat
-            engine.store = type(engine.store)()
+            engine.store.clear()
     write_report(records_path, out / "report.md", args)
     return 0
 

@@ -40,7 +40,7 @@ def test_generate_text_output(docs, capsys):
     rc = main(["generate", "-d", docs[0], "-d", docs[1], "-q", "What grows there?", "--method", "reuse",
                "--max_new_tokens", "4"])
     out = capsys.readouterr().out
-    assert rc == 0 and "TTFT" in out and "chunk cache: 2 hits, 0 misses" in out
+    assert rc == 0 and "TTFT" in out and "chunk cache: 2 hits (by tier: 2 memory), 0 misses" in out
 
 
 @pytest.mark.parametrize("make_args,message", [

@@ -23,6 +23,13 @@ class ChunkKV:
         return self.k.shape[2]
 
     @property
+    def n_layers(self) -> int:
+        return self.k.shape[0]
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer], self.v[layer]
+
+    @property
     def nbytes(self) -> int:
         tensors = [self.k, self.v, *self.extras.values()]
         return sum(t.numel() * t.element_size() for t in tensors)

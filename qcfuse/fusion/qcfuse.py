@@ -8,6 +8,8 @@ So selection needs the small anchor view plus the keys of |C| layers (~15% of th
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import QcfuseError
@@ -16,6 +18,7 @@ from .selector import Selector, register
 
 PROBE_TEXT = "\n\nRepeat the passage above, word for word."
 N_SINKS = 4
+STORED_ANCHOR_RATIO = 0.10     # anchors kept in the query cache; a larger online anchor_ratio reads full layers
 
 
 @register
@@ -33,10 +36,7 @@ class QCFuse(Selector):
         self.reduction, self.anchor_ratio = reduction, float(anchor_ratio)
 
     def layers_for(self, model) -> list[int]:
-        layers = self.critical_layers or (getattr(model, "critical_layers", None) or [])[: self.n_critical]
-        if not layers:  # no profile for this model: spread over the middle of the stack
-            n = model.n_layers
-            layers = sorted({max(0, min(n - 1, round(n * f))) for f in (0.25, 0.4, 0.55)})[: self.n_critical]
+        layers = self.critical_layers or default_critical_layers(model, self.n_critical)
         if any(not 0 <= layer < model.n_layers for layer in layers):
             raise QcfuseError(f"critical layers {layers} outside 0..{model.n_layers - 1}")
         return sorted(layers)
@@ -64,4 +64,23 @@ class QCFuse(Selector):
         run_probe(t, probe, probe_pos, lambda layer: (ctx_pos, entry.k[layer], entry.v[layer]), t.n_layers,
                   on_layer)
         scores[:, : min(N_SINKS, n)] = float("inf")                  # sinks first, inside the budget
-        entry.extras["anchor_rank"] = scores.argsort(dim=1, descending=True).to(torch.int32)
+        rank = scores.argsort(dim=1, descending=True)
+        # the query cache: read before anything else online, ~15% of the chunk cache
+        m = math.ceil(STORED_ANCHOR_RATIO * n)
+        top = rank[:, :m].to(entry.k.device)                          # [L, m] in rank order
+        gather = top[:, None, :, None].expand(-1, entry.k.shape[1], -1, entry.k.shape[3])
+        critical = default_critical_layers(t, 3)
+        entry.extras["anchor_rank"] = rank.to(torch.int32)
+        entry.extras["anchor_k"] = entry.k.gather(2, gather)           # [L, Hkv, m, D]
+        entry.extras["anchor_v"] = entry.v.gather(2, gather)
+        entry.extras["critical_layers"] = torch.tensor(critical, dtype=torch.int32)
+        entry.extras["critical_k"] = entry.k[critical].clone()         # [|C|, Hkv, n, D]
+
+
+def default_critical_layers(model, n_critical: int = 3) -> list[int]:
+    """The model's profiled critical layers, or, without a profile, layers spread over the middle."""
+    layers = (getattr(model, "critical_layers", None) or [])[:n_critical]
+    if not layers:
+        n = model.n_layers
+        layers = sorted({max(0, min(n - 1, round(n * f))) for f in (0.25, 0.4, 0.55)})[:n_critical]
+    return sorted(layers)

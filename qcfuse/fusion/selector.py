@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 
 from ..cache.kv import ChunkKV
+from ..cache.loader import LayerLoader
 from ..errors import QcfuseError
 from ..model.transformer import Transformer
 from ..prompt import PromptLayout
@@ -22,18 +23,23 @@ from ..prompt import PromptLayout
 class ReusedKV:
     """The reused context (prefix + chunks, pre-RoPE) as one span, read layer by layer.
 
-    Three kinds of read, each logged in `reads` as (kind, layer) so pipelining claims can be tested:
-    "layer" (full K and V), "keys" (full K only), "anchors" (the prefix plus each chunk's anchor tokens).
+    `pieces` are chunk caches (ChunkKV) or store-backed sources: anything with n_tokens, n_layers, extras
+    (the small query cache, read first) and layer(l). Full layers come through a LayerLoader, which may read
+    ahead in the background. Three kinds of read, each logged in `reads` as (kind, layer) so pipelining
+    claims can be tested: "layer" (full K and V), "keys" (full K only), "anchors" (the prefix plus each
+    chunk's anchor tokens). "keys" and "anchors" are served from the query cache when it holds them.
     """
 
-    def __init__(self, pieces: list[ChunkKV], prefix_len: int = 0):
+    def __init__(self, pieces: list, prefix_len: int = 0, loader: LayerLoader | None = None):
         self.pieces = pieces
         self.prefix_len = prefix_len                  # leading context tokens that are never compressed
         self.starts = [0]
         for p in pieces:
             self.starts.append(self.starts[-1] + p.n_tokens)
+        self.n_layers = pieces[0].n_layers if pieces else 0
+        self.loader = loader if loader is not None else LayerLoader(pieces, self.n_layers, background=False)
         self.reads: list[tuple[str, int]] = []
-        self._layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._consumed: set[int] = set()
 
     @property
     def layers_read(self) -> list[int]:
@@ -41,18 +47,20 @@ class ReusedKV:
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-RoPE keys and values of every context token at `layer`: [Hkv, C, D] each."""
-        if layer not in self._layers:
+        if layer not in self._consumed:
             self.reads.append(("layer", layer))
-            self._layers[layer] = (torch.cat([p.k[layer] for p in self.pieces], dim=1),
-                                   torch.cat([p.v[layer] for p in self.pieces], dim=1))
-        return self._layers[layer]
+            self._consumed.add(layer)
+        return self.loader.layer(layer)
 
     def keys(self, layer: int) -> torch.Tensor:
         """Pre-RoPE keys of every context token at `layer` (no values): [Hkv, C, D]."""
-        if layer in self._layers:
-            return self._layers[layer][0]
+        if layer in self._consumed:
+            return self.loader.layer(layer)[0]
         self.reads.append(("keys", layer))
-        return torch.cat([p.k[layer] for p in self.pieces], dim=1)
+        stored = [_critical_keys(p.extras, layer) for p in self.pieces]
+        if all(k is not None for k in stored):
+            return torch.cat(stored, dim=1)
+        return self.loader.layer(layer)[0]
 
     def anchors(self, layer: int, ratio: float, name: str = "anchor_rank"):
         """A compressed view at `layer`: every prefix token plus, per chunk, its first ceil(ratio*n) tokens in
@@ -60,15 +68,32 @@ class ReusedKV:
         self.reads.append(("anchors", layer))
         positions, ks, vs = [], [], []
         for piece, start in zip(self.pieces, self.starts):
-            if start < self.prefix_len or name not in piece.extras:
+            extras = piece.extras
+            if start < self.prefix_len or name not in extras:
                 idx = torch.arange(piece.n_tokens)
+                k, v = piece.layer(layer)
             else:
-                rank = piece.extras[name][layer]
-                idx = rank[: max(1, math.ceil(ratio * piece.n_tokens))].long().sort().values
+                m = max(1, math.ceil(ratio * piece.n_tokens))
+                ranked = extras[name][layer][:m].long()
+                order = ranked.argsort()
+                idx = ranked[order]
+                if "anchor_k" in extras and extras["anchor_k"].shape[2] >= m:   # in the query cache
+                    k = extras["anchor_k"][layer][:, :m][:, order]
+                    v = extras["anchor_v"][layer][:, :m][:, order]
+                else:
+                    k_full, v_full = piece.layer(layer)
+                    k, v = k_full[:, idx], v_full[:, idx]
             positions.append(idx + start)
-            ks.append(piece.k[layer][:, idx])
-            vs.append(piece.v[layer][:, idx])
+            ks.append(k)
+            vs.append(v)
         return torch.cat(positions), torch.cat(ks, dim=1), torch.cat(vs, dim=1)
+
+
+def _critical_keys(extras: dict, layer: int) -> torch.Tensor | None:
+    if "critical_k" not in extras:
+        return None
+    where = (extras["critical_layers"] == layer).nonzero()
+    return extras["critical_k"][int(where[0])] if where.numel() else None
 
 
 @dataclass

@@ -1,0 +1,107 @@
+"""Bytes on disk and in Redis: one safetensors blob per part, each carrying its own checksum.
+
+An entry has parts: "meta" (JSON: who wrote it and what it holds), "query" (the selectors' small extras, read
+first) and "layer.{l}" (K and V of one layer, so a reader fetches layer l alone). Every blob is verified when
+read; anything that does not verify raises CorruptEntry and the store treats the entry as absent.
+"""
+from __future__ import annotations
+
+import json
+import struct
+
+import safetensors.torch
+import torch
+import xxhash
+
+from .kv import ChunkKV
+
+FORMAT_VERSION = 1
+
+
+class CorruptEntry(Exception):
+    """A stored part is truncated, altered, foreign or missing: recompute the chunk."""
+
+
+def layer_part(layer: int) -> str:
+    return f"layer.{layer}"
+
+
+def encode_tensors(tensors: dict[str, torch.Tensor]) -> bytes:
+    """safetensors bytes whose header metadata holds the xxh3 checksum of the data section."""
+    tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    body = safetensors.torch.save(tensors, metadata={"xxh3": ""})
+    # the data section follows the header; hash it, then write the header again with the digest filled in
+    digest = xxhash.xxh3_64_hexdigest(_data_section(body))
+    return safetensors.torch.save(tensors, metadata={"xxh3": digest})
+
+
+def decode_tensors(blob: bytes | memoryview | None) -> dict[str, torch.Tensor]:
+    if blob is None:
+        raise CorruptEntry("part missing")
+    try:
+        header = _header(blob)
+        expected = header.get("__metadata__", {}).get("xxh3")
+        if expected is None or xxhash.xxh3_64_hexdigest(_data_section(blob)) != expected:
+            raise CorruptEntry("checksum mismatch")
+        return safetensors.torch.load(bytes(blob))
+    except CorruptEntry:
+        raise
+    except Exception as exc:   # truncated or garbled header: safetensors/json/struct errors
+        raise CorruptEntry(f"unreadable part ({type(exc).__name__})") from None
+
+
+def encode_meta(key: str, fingerprint: str, entry: ChunkKV) -> bytes:
+    body = {"version": FORMAT_VERSION, "key": key, "fingerprint": fingerprint, "n_tokens": entry.n_tokens,
+            "n_layers": entry.k.shape[0], "dtype": str(entry.k.dtype).removeprefix("torch."),
+            "nbytes": entry.nbytes}
+    text = json.dumps(body, sort_keys=True)
+    return json.dumps({"body": body, "xxh3": xxhash.xxh3_64_hexdigest(text.encode())}).encode()
+
+
+def decode_meta(blob: bytes | None, key: str, fingerprint: str | None = None) -> dict:
+    """The entry's description, checked against the key and model that ask for it."""
+    if blob is None:
+        raise CorruptEntry("meta missing")
+    try:
+        wrapper = json.loads(blob)
+        body = wrapper["body"]
+        ok = xxhash.xxh3_64_hexdigest(json.dumps(body, sort_keys=True).encode()) == wrapper["xxh3"]
+    except Exception:
+        raise CorruptEntry("unreadable meta") from None
+    if not ok:
+        raise CorruptEntry("meta checksum mismatch")
+    if body.get("version") != FORMAT_VERSION:
+        raise CorruptEntry(f"format version {body.get('version')} (expected {FORMAT_VERSION})")
+    if body["key"] != key:
+        raise CorruptEntry("entry stored under another key")
+    if fingerprint is not None and body["fingerprint"] != fingerprint:
+        raise CorruptEntry("entry written by another model")
+    return body
+
+
+def encode_entry(key: str, fingerprint: str, entry: ChunkKV) -> dict[str, bytes]:
+    """All parts of an entry, ready to write."""
+    parts = {"meta": encode_meta(key, fingerprint, entry), "query": encode_tensors(entry.extras)}
+    for layer in range(entry.k.shape[0]):
+        parts[layer_part(layer)] = encode_tensors({"k": entry.k[layer], "v": entry.v[layer]})
+    return parts
+
+
+def decode_layer(blob, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    tensors = decode_tensors(blob)
+    k, v = tensors.get("k"), tensors.get("v")
+    if k is None or v is None or k.shape[1] != n_tokens or v.shape[1] != n_tokens:
+        raise CorruptEntry("layer shape does not match the entry")
+    return k, v
+
+
+def _header(blob) -> dict:
+    (n,) = struct.unpack("<Q", bytes(blob[:8]))
+    if n > len(blob) - 8:
+        raise CorruptEntry("truncated header")
+    return json.loads(bytes(blob[8:8 + n]))
+
+
+def _data_section(blob) -> bytes | memoryview:
+    (n,) = struct.unpack("<Q", bytes(blob[:8]))
+    return memoryview(blob)[8 + n:]

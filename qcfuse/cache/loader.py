@@ -1,0 +1,138 @@
+"""Layer-wise loading of the reused context, overlapped with compute.
+
+`ChunkSource` is one chunk's cache as the fuse loop sees it: a reader over whichever tier served it, that
+falls back to recomputing the chunk if a part turns out broken or its tier goes away mid-request (never a
+wrong answer, never a failed request). `LayerLoader` reads layer l of every chunk, joins them into the
+context's [Hkv, C, D] K and V, and with `background=True` does so ahead of compute in a thread, so compute
+waits only for the layer it needs. On CUDA the thread stages each layer in pinned memory and copies it on a
+side stream; compute waits on that layer's event only.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+import torch
+
+from .codec import CorruptEntry
+from .kv import ChunkKV
+from .store import EntryReader, MemoryReader, TierUnavailable
+
+log = logging.getLogger("qcfuse.cache")
+
+
+class ChunkSource:
+    def __init__(self, reader: EntryReader, recompute: Callable[[], ChunkKV], on_corrupt: Callable[[str], None]):
+        self.reader, self._recompute, self._on_corrupt = reader, recompute, on_corrupt
+        self.n_tokens, self.n_layers = reader.n_tokens, reader.n_layers
+        self.recomputed = False
+        self._extras = None
+        self._lock = threading.Lock()
+
+    @property
+    def tier(self) -> str:
+        return self.reader.tier
+
+    @property
+    def bytes_read(self) -> int:
+        return self.reader.bytes_read
+
+    @property
+    def extras(self) -> dict[str, torch.Tensor]:
+        if self._extras is None:
+            self._extras = self._guarded(lambda r: r.query())
+        return self._extras
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._guarded(lambda r: r.layer(layer))
+
+    def _guarded(self, read):
+        """Readers are safe to share between threads, so reads take no lock (selection must not wait behind
+        the loader's read of a later layer); only the switch to a recomputed copy is serialized."""
+        reader = self.reader
+        try:
+            return read(reader)
+        except (CorruptEntry, TierUnavailable) as exc:
+            with self._lock:
+                if self.reader is reader:                # the first thread to notice swaps in a fresh copy
+                    if isinstance(exc, CorruptEntry):
+                        self._on_corrupt(f"{reader.tier} tier: {exc}")
+                    else:
+                        log.warning("qcfuse: %s tier went away mid-request; recomputing a chunk", reader.tier)
+                    fresh = MemoryReader(self._recompute(), tier="recomputed")
+                    fresh.bytes_read = reader.bytes_read
+                    self.reader, self.recomputed = fresh, True
+            return read(self.reader)
+
+
+class LayerLoader:
+    def __init__(self, sources: list, n_layers: int, device: torch.device | str = "cpu",
+                 background: bool = True):
+        self.sources, self.n_layers = sources, n_layers
+        self.device = torch.device(device)
+        self.io_wait_s = 0.0
+        self._layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
+        self._ready = [threading.Event() for _ in range(n_layers)]
+        self._events: list = [None] * n_layers          # CUDA: copy finished
+        self._error: BaseException | None = None
+        self._thread = None
+        if background and n_layers:
+            self._thread = threading.Thread(target=self._run, name="qcfuse-kv-loader", daemon=True)
+            self._thread.start()
+
+    def _read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer of every chunk, joined along the token axis: [Hkv, C, D] each."""
+        pairs = [s.layer(layer) for s in self.sources]
+        k = torch.cat([p[0] for p in pairs], dim=1)
+        v = torch.cat([p[1] for p in pairs], dim=1)
+        return k, v
+
+    def _run(self) -> None:
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        try:
+            for layer in range(self.n_layers):
+                k, v = self._read(layer)
+                if stream is not None:
+                    k, v = k.pin_memory(), v.pin_memory()
+                    with torch.cuda.stream(stream):
+                        k = k.to(self.device, non_blocking=True)
+                        v = v.to(self.device, non_blocking=True)
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                    self._events[layer] = event
+                elif k.device != self.device:
+                    k, v = k.to(self.device), v.to(self.device)
+                self._layers[layer] = (k, v)
+                self._ready[layer].set()
+        except BaseException as exc:       # surfaced to the consumer, never swallowed
+            self._error = exc
+            for event in self._ready:
+                event.set()
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t0 = time.perf_counter()
+        if self._thread is None:
+            if self._layers[layer] is None:
+                k, v = self._read(layer)
+                self._layers[layer] = (k.to(self.device), v.to(self.device))
+        else:
+            self._ready[layer].wait()
+            if self._error is not None:
+                raise self._error
+            if self._events[layer] is not None:
+                torch.cuda.current_stream(self.device).wait_event(self._events[layer])
+        self.io_wait_s += time.perf_counter() - t0
+        return self._layers[layer]
+
+    def ready(self, layer: int) -> bool:
+        return self._layers[layer] is not None
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def bytes_loaded(self) -> int:
+        return sum(s.bytes_read for s in self.sources if hasattr(s, "bytes_read"))

@@ -1,0 +1,156 @@
+"""`qcfuse sweep`: a grid of methods x ratios through the runner, then `table.md` and `tradeoff.png`.
+
+One results file per run in the output directory (`fullcomp.jsonl`, `reuse.jsonl`, `{method}_r{ratio}.jsonl`),
+each resumable; full prefill always runs (its rows are the shared references) and `fullcomp`/`reuse` run once,
+ratio-free. The model and the samples are loaded once for the whole grid.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from ..errors import QcfuseError
+from .runner import RATIO_FREE, EvalConfig, load_samples, open_engine, read_rows, run_eval, run_name, summarize
+
+FIDELITY_TOP1 = 0.99        # "within 1% of full prefill": first-token top-1 agreement of at least 99%
+
+
+def parse_list(text: str, what: str, cast=str) -> list:
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise QcfuseError(f"--{what} is empty")
+    try:
+        return [cast(t) for t in items]
+    except ValueError:
+        raise QcfuseError(f"--{what} expects a comma-separated list, got '{text}'") from None
+
+
+def grid(methods: list[str], ratios: list[float]) -> list[tuple[str, float | None]]:
+    runs: list[tuple[str, float | None]] = [("fullcomp", None)]
+    for m in methods:
+        for r in ([None] if m in RATIO_FREE else sorted(ratios)):
+            if (m, r) not in runs:
+                runs.append((m, r))
+    return runs
+
+
+def run_sweep(base: EvalConfig, methods: list[str], ratios: list[float], out_dir: str | Path, log=print) -> dict:
+    from ..fusion import make_selector
+    out_dir = Path(out_dir)
+    if not ratios and any(m not in RATIO_FREE for m in methods):
+        raise QcfuseError("--ratios is empty")
+    for m in methods:                       # fail on a bad method or ratio before loading anything
+        for r in ([0.0] if m in RATIO_FREE else ratios):
+            make_selector(m, r)
+    runs = grid(methods, ratios)
+    configs = [replace(base, method=m, ratio=r, out=str(out_dir / f"{run_name(m, r)}.jsonl"),
+                       options=dict(base.options)).resolved() for m, r in runs]
+    first = configs[0]
+    engine = None
+    samples = None
+    for cfg in configs:
+        done = {r["id"] for r in read_rows(Path(cfg.out), cfg.row_config())}
+        if samples is None:
+            samples = load_samples(cfg)
+        if all(s.id in done for s in samples):
+            run_eval(cfg, engine=engine, samples=samples, log=log)       # prints the summary only
+            continue
+        if engine is None:
+            engine = open_engine(first.model, first.cache_dir, first.dtype)
+        run_eval(cfg, engine=engine, samples=samples, log=log)
+    return write_report(out_dir, base.dataset, [(m, r) for m, r in runs], {s.id for s in samples}, log=log)
+
+
+# -- report ---------------------------------------------------------------------------------------------------
+def _load(out_dir: Path, runs, ids) -> dict:
+    out = {}
+    for m, r in runs:
+        path = out_dir / f"{run_name(m, r)}.jsonl"
+        rows = [row for row in read_rows(path) if ids is None or row["id"] in ids] if path.is_file() else []
+        if rows:
+            out[(m, r)] = summarize(rows)
+    return out
+
+
+def write_report(out_dir: Path, dataset: str, runs, ids=None, log=print) -> dict:
+    """Rebuild table.md and tradeoff.png from the results files in `out_dir`."""
+    out_dir = Path(out_dir)
+    stats = _load(out_dir, runs, ids)
+    if not stats:
+        raise QcfuseError(f"no results in {out_dir}")
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
+    num = lambda x, f=".3f": "-" if x is None else format(x, f)
+    any_row = next(iter(stats.values()))
+    lines = [f"# {dataset}: quality, fidelity and TTFT per method and ratio", "",
+             "Score is the dataset's metric against the gold answers (LongBench QA F1, or RULER string-match-all); "
+             "*relative* divides it by full prefill's score on the same samples. Fidelity compares with full "
+             "prefill of the same prompt: same greedy answer, same first token (top-1), KL(full || fused) of the "
+             "first-token distribution. TTFT is the engine's time from the tokenized prompt to the first token's "
+             "logits (chunk cache loading and selection included); speedup = mean full-prefill TTFT / mean TTFT.",
+             "", f"n = {any_row['n']} samples per run (see the n column).", "",
+             "| method | ratio | n | score | relative | same answer | top-1 | mean KL | TTFT ms | speedup |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (m, r), s in stats.items():
+        lines.append(f"| {m} | {'-' if r is None else f'{r:g}'} | {s['n']} | {num(s['score'])} | {num(s['rel_score'])} "
+                     f"| {pct(s['same_answer'])} | {pct(s['top1'])} | {num(s['kl'], '.4f')} "
+                     f"| {num(1000 * s['ttft_s'], '.0f')} | {num(s['speedup'], '.2f')}x |")
+    lines += ["", f"Smallest ratio within 1% of full prefill on fidelity (top-1 agreement >= {FIDELITY_TOP1:.0%}):", ""]
+    methods = []
+    for m, _ in stats:
+        if m not in methods and m != "fullcomp":
+            methods.append(m)
+    smallest = {}
+    for m in methods:
+        ok = sorted(r for (mm, r), s in stats.items() if mm == m and s["top1"] is not None and s["top1"] >= FIDELITY_TOP1)
+        if m in RATIO_FREE:
+            top1 = stats[(m, None)]["top1"] if (m, None) in stats else None
+            text = "yes (ratio-free)" if top1 is not None and top1 >= FIDELITY_TOP1 else "no (ratio-free)"
+        else:
+            smallest[m] = ok[0] if ok else None
+            text = f"{ok[0]:g}" if ok else "none in grid"
+        lines.append(f"- {m}: {text}")
+    (out_dir / "table.md").write_text("\n".join(lines) + "\n")
+    _plot(out_dir / "tradeoff.png", dataset, stats)
+    log("\n".join(lines))
+    log(f"wrote {out_dir / 'table.md'} and {out_dir / 'tradeoff.png'}")
+    return {"stats": {f"{m}:{r}": s for (m, r), s in stats.items()}, "smallest_ratio": smallest}
+
+
+def _plot(path: Path, dataset: str, stats: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = [("rel_score", "quality relative to full prefill"), ("top1", "first-token agreement with full prefill")]
+    methods = []
+    for m, _ in stats:
+        if m not in methods:
+            methods.append(m)
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(m for m in methods if m != "fullcomp")}
+    for ax, (key, label) in zip(axes, panels):
+        for m in methods:
+            pts = sorted(((s["ttft_s"] * 1000, s[key], r) for (mm, r), s in stats.items()
+                          if mm == m and s[key] is not None), key=lambda p: p[0])
+            if not pts:
+                continue
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            if m == "fullcomp":
+                ax.scatter(xs, ys, marker="*", s=160, color="black", label="full prefill", zorder=3)
+            elif m in RATIO_FREE:
+                ax.scatter(xs, ys, marker="x", s=60, label=m, color=colors[m], zorder=3)
+            else:
+                ax.plot(xs, ys, marker="o", label=m, color=colors[m])
+                for x, y, r in pts:
+                    ax.annotate(f"{r:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                                color=colors[m])
+        ax.set_xlabel("TTFT (ms)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if key == "rel_score" and not any(s["rel_score"] is not None for s in stats.values()):
+            ax.text(0.5, 0.5, "full prefill scores 0: no relative quality", ha="center", transform=ax.transAxes)
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{dataset}: quality vs TTFT (labels: recompute ratio)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

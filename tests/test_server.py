@@ -1,0 +1,235 @@
+"""`qcfuse serve` as clients meet it: the official openai client, raw HTTP for bad input, concurrent load.
+
+One real server (the CLI, in a subprocess, on a free loopback port, with the real default model) for the module.
+"""
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from qcfuse.serve.loadgen import run_load
+from qcfuse.serve.schema import MAX_TOKENS_LIMIT
+
+MODEL = "smollm2-135m"
+ORCHARD = ["The orchard on Hill Road grows pears and plums.", "Plums are harvested in late August.",
+           "The orchard was planted in 1962 by the Marsh family."]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "qcfuse", "serve", "--model", MODEL, "--port", str(port),
+                                 "--log_level", "warning"], stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"qcfuse serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"qcfuse serve did not come up:\n{log.read_text()[-3000:]}")
+        time.sleep(0.25)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="not-needed", max_retries=0, timeout=120)
+
+
+def metric(url: str, name: str, **labels) -> float:
+    """A sample of /metrics, summed over the labels not given (0.0 when absent)."""
+    return sum(sample.value for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+               for sample in family.samples
+               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+
+
+def ask(client, documents, question="What grows on Hill Road?", max_tokens=8, **kwargs):
+    return client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=max_tokens,
+        extra_body={"documents": documents, "fusion": {"method": "qcfuse", "ratio": 0.15}}, **kwargs)
+
+
+# -- the happy paths ---------------------------------------------------------------------------------------------
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+
+
+def test_second_request_reuses_every_chunk_in_any_order(client):
+    docs = ["Maple Street has a bakery that sells rye bread.", "The bakery opens at six in the morning.",
+            "Its owner, Ines, moved there from Porto in 2004."]
+    first = ask(client, docs, "When does the bakery open?")
+    second = ask(client, [docs[2], docs[0], docs[1]], "When does the bakery open?")
+    f1, f2 = first.model_extra["fusion"], second.model_extra["fusion"]
+    assert (f1["cache_hits"], f1["cache_misses"]) == (0, 3)
+    assert (f2["cache_hits"], f2["cache_misses"]) == (3, 0)
+    assert f2["ttft_s"] < f1["ttft_s"]                 # the first computed the chunk caches, the second read them
+    for key in ("cached_tokens", "recomputed_tokens", "ttft_s", "selection_s", "queue_s", "context_tokens"):
+        assert key in f2
+    assert f2["cached_tokens"] + f2["recomputed_tokens"] == f2["context_tokens"] > 0
+    assert second.choices[0].message.content and second.choices[0].finish_reason in ("stop", "length")
+    usage = second.usage
+    assert usage.prompt_tokens == f2["prompt_tokens"] and 1 <= usage.completion_tokens <= 8
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_streamed_answer_equals_the_plain_one(server, client):
+    plain = ask(client, ORCHARD)
+    chunks = list(ask(client, ORCHARD, stream=True))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    last = chunks[-1]
+    assert text.strip() == plain.choices[0].message.content
+    assert last.choices[0].finish_reason == plain.choices[0].finish_reason
+    assert last.usage.completion_tokens == plain.usage.completion_tokens
+    streamed, plain_stats = last.model_extra["fusion"], plain.model_extra["fusion"]
+    assert set(streamed) == set(plain_stats)           # the stream reports every key the engine reports
+    assert streamed["cache_hits"] == len(ORCHARD) and streamed["recomputed_tokens"] == plain_stats["recomputed_tokens"]
+
+    with httpx.stream("POST", f"{server}/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "What grows there?"}], "documents": ORCHARD,
+            "max_tokens": 4, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+
+
+def test_no_documents_is_a_plain_prompt(client):
+    answer = client.chat.completions.create(
+        model=MODEL, max_completion_tokens=6,
+        messages=[{"role": "system", "content": "ignored"}, {"role": "user", "content": "What is 2 + 2?"}])
+    stats = answer.model_extra["fusion"]
+    assert answer.choices[0].message.content
+    assert stats["method"] == "fullcomp" and stats["cache_hits"] == stats["cache_misses"] == 0
+
+
+def test_client_leaving_mid_stream_frees_the_engine(server, client):
+    body = {"messages": [{"role": "user", "content": "Write the numbers from 1 to 300 separated by commas."}],
+            "documents": ["Counting: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10."], "fusion": {"method": "reuse"},
+            "max_tokens": 1000, "stream": True}
+    before = metric(server, "qcfuse_client_disconnects_total")
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60) as r:
+        seen = []
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                seen.append(line)
+            if len(seen) == 4:                          # the role chunk and three tokens, then hang up
+                break
+    assert not any('"finish_reason": "' in line for line in seen)
+    deadline = time.monotonic() + 15                    # 1000 more tokens would take minutes
+    while metric(server, "qcfuse_requests_in_flight") or metric(server, "qcfuse_client_disconnects_total") == before:
+        assert time.monotonic() < deadline, "the stream kept its turn after its client left"
+        time.sleep(0.2)
+    assert ask(client, ORCHARD, max_tokens=2).choices[0].message.content is not None
+
+
+# -- bad input: a clear 4xx in OpenAI's error shape -------------------------------------------------------------
+USER = [{"role": "user", "content": "What grows on Hill Road?"}]
+BAD_REQUESTS = [   # (id, body or raw bytes, status, param, code)
+    ("malformed json", b'{"messages": [', 400, None, "invalid_json"),
+    ("not an object", b"[1, 2]", 400, None, "invalid_value"),
+    ("no messages", {"documents": ORCHARD}, 400, "messages", "missing_required_parameter"),
+    ("empty messages", {"messages": []}, 400, "messages", "invalid_value"),
+    ("no user message", {"messages": [{"role": "system", "content": "Be brief."}]}, 400, "messages", "invalid_value"),
+    ("unknown role", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0]", "invalid_value"),
+    ("blank question", {"messages": [{"role": "user", "content": "   "}]}, 400, "messages", "invalid_value"),
+    ("documents not a list", {"messages": USER, "documents": "pears"}, 400, "documents", "invalid_value"),
+    ("empty document", {"messages": USER, "documents": ["pears", "  "]}, 400, "documents[1]", "invalid_value"),
+    ("non-string document", {"messages": USER, "documents": [3]}, 400, "documents[0]", "invalid_value"),
+    ("unknown method", {"messages": USER, "fusion": {"method": "magic"}}, 400, "fusion.method", "invalid_value"),
+    ("ratio above 1", {"messages": USER, "fusion": {"ratio": 1.5}}, 400, "fusion.ratio", "invalid_value"),
+    ("negative ratio", {"messages": USER, "fusion": {"ratio": -0.1}}, 400, "fusion.ratio", "invalid_value"),
+    ("ratio as text", {"messages": USER, "fusion": {"ratio": "0.2"}}, 400, "fusion.ratio", "invalid_value"),
+    ("unknown fusion key", {"messages": USER, "fusion": {"speed": 2}}, 400, "fusion.speed", "invalid_value"),
+    ("max_tokens 0", {"messages": USER, "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
+    ("max_tokens too big", {"messages": USER, "max_tokens": MAX_TOKENS_LIMIT + 1}, 400, "max_tokens",
+     "invalid_value"),
+    ("max_completion_tokens 0", {"messages": USER, "max_completion_tokens": 0}, 400, "max_completion_tokens",
+     "invalid_value"),
+    ("max_tokens as text", {"messages": USER, "max_tokens": "8"}, 400, "max_tokens", "invalid_value"),
+    ("stream not a bool", {"messages": USER, "stream": "yes"}, 400, "stream", "invalid_value"),
+    ("n above 1", {"messages": USER, "n": 2}, 400, "n", "invalid_value"),
+    ("prompt too long", {"messages": USER, "documents": ["lorem ipsum " * 5000]}, 400, "messages",
+     "context_length_exceeded"),
+    ("unknown model", {"model": "gpt-9", "messages": USER}, 404, "model", "model_not_found"),
+    ("huge body", b'{"messages": [], "pad": "' + b"x" * (9 << 20) + b'"}', 413, None, "request_too_large"),
+]
+
+
+@pytest.mark.parametrize("body,status,param,code", [b[1:] for b in BAD_REQUESTS], ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_input_is_a_clear_4xx(server, body, status, param, code):
+    before = metric(server, "qcfuse_request_errors_total", status=str(status))
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(f"{server}/v1/chat/completions", timeout=60, headers={"content-type": "application/json"},
+                   **kwargs)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and error["type"] == "invalid_request_error"
+    assert (error["param"], error["code"]) == (param, code)
+    assert metric(server, "qcfuse_request_errors_total", status=str(status)) == before + 1
+
+
+def test_bad_streaming_request_fails_before_the_stream(server):
+    r = httpx.post(f"{server}/v1/chat/completions", timeout=60,
+                   json={"messages": USER, "stream": True, "documents": ["lorem ipsum " * 5000]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_unknown_routes_and_verbs(server):
+    assert httpx.get(f"{server}/v1/nothing").json()["error"]["code"] == "not_found"
+    r = httpx.get(f"{server}/v1/chat/completions")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_openai_client_raises_typed_errors(client):
+    with pytest.raises(openai.BadRequestError, match="ratio"):
+        client.chat.completions.create(model=MODEL, messages=USER, extra_body={"fusion": {"ratio": 2}})
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-9", messages=USER)
+
+
+# -- load and metrics ------------------------------------------------------------------------------------------
+def test_concurrent_clients_lose_nothing(server):
+    before = metric(server, "qcfuse_requests_total")
+    report = asyncio.run(run_load(server, clients=32, duration_s=3.0, max_tokens=2, streaming_clients=8,
+                                  method="reuse", model=MODEL, request_timeout_s=300))
+    assert report.errors == 0, report.error_samples
+    assert report.lost == 0 and report.ok == report.sent >= 32
+    assert metric(server, "qcfuse_requests_total") == before + report.sent      # the server saw every one
+    assert metric(server, "qcfuse_requests_in_flight") == 0
+    assert report.percentile(50) <= report.percentile(99)
+
+
+def test_metrics_count_what_happened(server):
+    text = httpx.get(f"{server}/metrics").text
+    for name in ("qcfuse_requests_total", "qcfuse_request_errors_total", "qcfuse_cache_misses_total",
+                 "qcfuse_cache_bytes_loaded_total", "qcfuse_ttft_seconds_bucket", "qcfuse_selection_seconds_bucket",
+                 "qcfuse_request_seconds_bucket", "qcfuse_completion_tokens_total", "qcfuse_cached_tokens_total"):
+        assert name in text
+    assert metric(server, "qcfuse_cache_hits_total") >= 3          # summed over tiers
+    assert metric(server, "qcfuse_cache_misses_total") >= 3
+    assert metric(server, "qcfuse_ttft_seconds_count") >= 3
