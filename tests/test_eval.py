@@ -19,6 +19,42 @@ from qcfuse.prompt import build_layout
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "longbench"
 
 
+WORDS = ("river harbor lantern orchard meadow copper winter signal garden bridge letter market village engine "
+         "window teacher doctor island forest candle morning evening journey pattern question answer number "
+         "history science music paper stone water mountain valley station train road city country friend "
+         "family dinner summer autumn spring garden method reason result moment people year work idea").split()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def data_dir(tmp_path_factory):
+    """The data directory the harness finds by default (QCFUSE_DATA_DIR), filled with text we generate here, so
+    the tests do not depend on ../shared/data being present: a seeded haystack of plain sentences (the RULER
+    generator's pg_essays) and a musique_s.json of two samples with ten passages each."""
+    import os
+    import random
+    root = tmp_path_factory.mktemp("qcfuse") / "data"
+    rng = random.Random(0)
+
+    def sentence() -> str:
+        words = [rng.choice(WORDS) for _ in range(rng.randint(8, 18))]
+        return " ".join(words).capitalize() + "."
+    (root / "pg_essays").mkdir(parents=True)
+    for i in range(3):
+        paragraphs = [" ".join(sentence() for _ in range(5)) for _ in range(120)]
+        (root / "pg_essays" / f"essay{i}.txt").write_text("\n\n".join(paragraphs))
+    samples = [{"question": f"Question {i}?", "answers": [f"answer {i}"],
+                "ctxs": [{"title": f"Title {i}.{j}", "text": " ".join(sentence() for _ in range(4))} for j in range(10)]}
+               for i in range(2)]
+    (root / "musique_s.json").write_text(json.dumps(samples))
+    before = os.environ.get("QCFUSE_DATA_DIR")
+    os.environ["QCFUSE_DATA_DIR"] = str(root)
+    yield root
+    if before is None:
+        del os.environ["QCFUSE_DATA_DIR"]
+    else:
+        os.environ["QCFUSE_DATA_DIR"] = before
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """The machine's cores are shared: one intra-op thread avoids oversubscription (results do not change)."""
@@ -53,7 +89,7 @@ def test_musique_s_loader(tmp_path):
     (tmp_path / "musique_s.json").write_text(json.dumps(data))
     [s] = load_dataset("musique_s", tmp_path)
     assert s.documents == ["t0\ntext 0", "t1\ntext 1", "t2\ntext 2"] and s.question == "q?" and s.answers == ["a"]
-    shared = load_dataset("musique_s", size=2)          # the shared set: 10 passages per sample
+    shared = load_dataset("musique_s", size=2)          # the default data dir's set: 10 passages per sample
     assert default_data_dir().name == "data" and len(shared) == 2
     assert all(len(x.documents) == 10 for x in shared)
 
