@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import string
 import sys
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 from tqdm import tqdm
@@ -21,22 +19,6 @@ from tqdm import tqdm
 METHODS = ["reuse", "cacheblend", "epic", "fuserag", "prophetkv", "qcfuse"]
 RATIOS = [0.05, 0.1, 0.15, 0.3]
 CALIBRATION_SAMPLES = 8      # musique_s samples 0..7 were used by `qcfuse profile` for the shipped profile
-
-
-def normalize(text: str) -> list[str]:
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
-    return re.sub(r"\b(a|an|the)\b", " ", text).split()
-
-
-def f1(prediction: str, golds: list[str]) -> float:
-    best = 0.0
-    for gold in golds:
-        p, g = normalize(prediction), normalize(gold)
-        common = sum((Counter(p) & Counter(g)).values())
-        if common:
-            prec, rec = common / len(p), common / len(g)
-            best = max(best, 2 * prec * rec / (prec + rec))
-    return best
 
 
 def main() -> int:
@@ -52,6 +34,7 @@ def main() -> int:
         return 0
 
     from qcfuse import FusionEngine, load_model, make_selector
+    from qcfuse.eval.metrics import f1_score as f1
     from qcfuse.profile import kl_first_token
 
     out = Path(args.out)
@@ -112,6 +95,9 @@ def write_report(records_path: Path, report_path: Path, args) -> None:
               f"`qcfuse profile` chose the critical layers on samples 0-{CALIBRATION_SAMPLES - 1} "
               "(first 4 passages each), so this table leaves them out.", ""]
     lines += _table(held_out)
+    findings = report_path.parent / "findings.md"      # hand-written conclusions, kept when tables are rebuilt
+    if findings.exists():
+        lines += ["", findings.read_text().rstrip()]
     report_path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -16,6 +16,7 @@ import xxhash
 from .kv import ChunkKV
 
 FORMAT_VERSION = 1
+_PLACEHOLDER = "0" * 16                   # an xxh3-64 digest in hex is 16 characters
 
 
 class CorruptEntry(Exception):
@@ -29,10 +30,13 @@ def layer_part(layer: int) -> str:
 def encode_tensors(tensors: dict[str, torch.Tensor]) -> bytes:
     """safetensors bytes whose header metadata holds the xxh3 checksum of the data section."""
     tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
-    body = safetensors.torch.save(tensors, metadata={"xxh3": ""})
-    # the data section follows the header; hash it, then write the header again with the digest filled in
-    digest = xxhash.xxh3_64_hexdigest(_data_section(body))
-    return safetensors.torch.save(tensors, metadata={"xxh3": digest})
+    # save once with a placeholder of the digest's length, then fill the digest into the header in place
+    blob = bytearray(safetensors.torch.save(tensors, metadata={"xxh3": _PLACEHOLDER}))
+    digest = xxhash.xxh3_64_hexdigest(_data_section(blob)).encode()
+    (n,) = struct.unpack("<Q", blob[:8])
+    at = blob.index(_PLACEHOLDER.encode(), 8, 8 + n)
+    blob[at:at + len(digest)] = digest
+    return bytes(blob)
 
 
 def decode_tensors(blob: bytes | memoryview | None) -> dict[str, torch.Tensor]:

@@ -164,8 +164,9 @@ class DiskTier(Tier):
     def _make_room(self, size: int, free_fraction: float = 0.0) -> None:
         with self._lock:
             used = sum(self._index.values())
-            target = min(self.max_bytes - size, used * (1 - free_fraction)) if free_fraction else \
-                self.max_bytes - size
+            target = self.max_bytes - size
+            if free_fraction:
+                target = min(target, used * (1 - free_fraction))
             victims = []
             while self._index and used > target:
                 key, n = self._index.popitem(last=False)

@@ -158,6 +158,10 @@ def open_blob_entry(tier: str, key: str, fingerprint: str, fetch) -> EntryReader
     return BlobReader(tier, decode_meta(meta, key, fingerprint), fetch)
 
 
+def _whole_entry(layers: list[tuple[torch.Tensor, torch.Tensor]], query: dict) -> ChunkKV:
+    return ChunkKV(torch.stack([k for k, _ in layers]), torch.stack([v for _, v in layers]), dict(query))
+
+
 # -- the composition the engine sees ----------------------------------------------------------------------------
 class _PromotingReader(EntryReader):
     """Passes reads through; once every layer has been read, writes the whole entry to the faster tiers."""
@@ -181,8 +185,7 @@ class _PromotingReader(EntryReader):
         kv = self._layers.get(layer) or self.reader.layer(layer)
         self._layers[layer] = kv
         if len(self._layers) == self.n_layers:
-            ks, vs = zip(*(self._layers[l] for l in range(self.n_layers)))
-            self._promote(ChunkKV(torch.stack(ks), torch.stack(vs), dict(self.query())))
+            self._promote(_whole_entry([self._layers[l] for l in range(self.n_layers)], self.query()))
             self._promote = lambda entry: None
         return kv
 
@@ -233,9 +236,7 @@ class TieredStore:
         if reader is None:
             return None
         try:
-            layers = [reader.layer(l) for l in range(reader.n_layers)]
-            return ChunkKV(torch.stack([k for k, _ in layers]), torch.stack([v for _, v in layers]),
-                           dict(reader.query()))
+            return _whole_entry([reader.layer(l) for l in range(reader.n_layers)], reader.query())
         except CorruptEntry as exc:
             self.discard(key, f"{reader.tier} tier: {exc}")
             return None

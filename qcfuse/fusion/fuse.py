@@ -88,6 +88,18 @@ def _checked(positions: torch.Tensor, layout: PromptLayout) -> torch.Tensor:
 
 
 @torch.inference_mode()
+def decode_step(model: Transformer, buffer: KVBuffer, token: int, position: int) -> torch.Tensor:
+    """Feed one token at `position` (its K/V land in the buffer there); the next token's logits [vocab]."""
+    if position + 1 > buffer.capacity:
+        raise QcfuseError("decoding ran past the allocated cache")
+    pos = torch.tensor([position], device=model.device)
+    h = model.embed(torch.tensor([token], device=model.device))
+    for layer in range(model.n_layers):
+        h, _, _ = model.layer_step(layer, h, pos, buffer, position + 1)
+    return model.logits(h)[0]
+
+
+@torch.inference_mode()
 def greedy_decode(model: Transformer, buffer: KVBuffer, first_logits: torch.Tensor, start: int,
                   max_new_tokens: int, stop_ids: set[int]) -> list[int]:
     """Greedy continuation from a filled buffer whose first `start` rows hold the prompt."""
@@ -98,11 +110,5 @@ def greedy_decode(model: Transformer, buffer: KVBuffer, first_logits: torch.Tens
         tokens.append(token)
         if token in stop_ids or i == max_new_tokens - 1:
             break
-        pos = torch.tensor([start + i], device=model.device)
-        if start + i + 1 > buffer.capacity:
-            raise QcfuseError("decoding ran past the allocated cache")
-        h = model.embed(torch.tensor([token], device=model.device))
-        for layer in range(model.n_layers):
-            h, _, _ = model.layer_step(layer, h, pos, buffer, start + i + 1)
-        logits = model.logits(h)[0]
+        logits = decode_step(model, buffer, token, start + i)
     return tokens

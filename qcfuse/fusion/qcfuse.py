@@ -18,6 +18,7 @@ from .selector import Selector, register
 
 PROBE_TEXT = "\n\nRepeat the passage above, word for word."
 N_SINKS = 4
+N_CRITICAL = 3                 # the paper's default number of critical layers (also what the query cache keeps)
 STORED_ANCHOR_RATIO = 0.10     # anchors kept in the query cache; a larger online anchor_ratio reads full layers
 
 
@@ -25,7 +26,7 @@ STORED_ANCHOR_RATIO = 0.10     # anchors kept in the query cache; a larger onlin
 class QCFuse(Selector):
     name = "qcfuse"
 
-    def __init__(self, ratio: float = 0.15, critical_layers: list[int] | None = None, n_critical: int = 3,
+    def __init__(self, ratio: float = 0.15, critical_layers: list[int] | None = None, n_critical: int = N_CRITICAL,
                  reduction: str = "mean", anchor_ratio: float = 0.10):
         super().__init__(ratio)
         if reduction not in ("mean", "max"):
@@ -69,7 +70,7 @@ class QCFuse(Selector):
         m = math.ceil(STORED_ANCHOR_RATIO * n)
         top = rank[:, :m].to(entry.k.device)                          # [L, m] in rank order
         gather = top[:, None, :, None].expand(-1, entry.k.shape[1], -1, entry.k.shape[3])
-        critical = default_critical_layers(t, 3)
+        critical = default_critical_layers(t, N_CRITICAL)
         entry.extras["anchor_rank"] = rank.to(torch.int32)
         entry.extras["anchor_k"] = entry.k.gather(2, gather)           # [L, Hkv, m, D]
         entry.extras["anchor_v"] = entry.v.gather(2, gather)
@@ -77,7 +78,7 @@ class QCFuse(Selector):
         entry.extras["critical_k"] = entry.k[critical].clone()         # [|C|, Hkv, n, D]
 
 
-def default_critical_layers(model, n_critical: int = 3) -> list[int]:
+def default_critical_layers(model, n_critical: int = N_CRITICAL) -> list[int]:
     """The model's profiled critical layers, or, without a profile, layers spread over the middle."""
     layers = (getattr(model, "critical_layers", None) or [])[:n_critical]
     if not layers:

@@ -14,6 +14,7 @@ import torch
 
 from ..engine import FusionEngine
 from ..fusion import Selector
+from ..fusion.fuse import decode_step
 from ..prompt import PromptLayout
 
 
@@ -50,12 +51,8 @@ class TokenStream:
         if self.finished:
             raise RuntimeError("the stream has already finished")
         if self.token_ids:                          # feed the previous token to get the next logits
-            i = len(self.token_ids) - 1
-            pos = torch.tensor([self._start + i], device=self._model.device)
-            h = self._model.embed(torch.tensor([self.token_ids[-1]], device=self._model.device))
-            for layer in range(self._model.n_layers):
-                h, _, _ = self._model.layer_step(layer, h, pos, self._buffer, self._start + i + 1)
-            self._logits = self._model.logits(h)[0]
+            position = self._start + len(self.token_ids) - 1
+            self._logits = decode_step(self._model, self._buffer, self.token_ids[-1], position)
         token = int(self._logits.argmax())
         self.token_ids.append(token)
         if token in self._stop_ids:
