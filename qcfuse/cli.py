@@ -70,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_cache_commands(sub)
     _add_eval_commands(sub)
     _add_serve_command(sub)
+    _add_bench_command(sub)
     return p
 
 
@@ -409,6 +410,71 @@ def _serve(args) -> int:
     engine = FusionEngine(model, store=open_store(cache_dir=args.cache_dir, redis_url=args.redis_url))
     engine.warmup()
     run_server(engine, args.model, args.host, args.port, args.method, args.ratio, args.log_level)
+    return 0
+
+
+# -- benchmark: qcfuse bench (logic in qcfuse/bench) -------------------------------------------------------------
+def _add_bench_command(sub) -> None:
+    b = sub.add_parser("bench", help="TTFT of transformers full prefill, qcfuse full prefill and fused prefill, "
+                                     "side by side (random weights in real shapes, or a real model)")
+    b.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available, else cpu")
+    what = b.add_mutually_exclusive_group()
+    what.add_argument("--config", help="shipped shape (qwen3-8b, llama-3.1-8b, smollm2-135m) or a transformers "
+                                       "config .json, with random weights (default: qwen3-8b on cuda, "
+                                       "smollm2-135m on cpu)")
+    what.add_argument("--model", "-m", help="a real model instead (alias, HF directory or .gguf)")
+    b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cuda, "
+                                                                               "float32 on cpu")
+    b.add_argument("--tokens", help="context lengths (default: 4096,8192,16384,32768 on cuda, 4096 on cpu)")
+    b.add_argument("--ratios", default="0.05,0.15,0.3")
+    b.add_argument("--methods", default="reuse,cacheblend,epic,prophetkv,fuserag,qcfuse")
+    b.add_argument("--kv-source", "--kv_source", dest="kv_source", default="host", choices=["gpu", "host", "disk"],
+                   help="where the reused chunk caches stream from: GPU memory, (pinned) host memory, or disk "
+                        "(default: host)")
+    b.add_argument("--cache_dir", help="--kv-source disk: directory for the chunk caches (default: a temporary one)")
+    b.add_argument("--chunk_tokens", type=int, default=512)
+    b.add_argument("--repeats", type=int, help="timed runs per measurement, median reported (default: 3 on cuda, "
+                                               "1 on cpu)")
+    b.add_argument("--warmup", type=int, help="untimed runs before each measurement (default: 1 on cuda, 0 on cpu)")
+    b.add_argument("--threads", type=int, help="torch intra-op threads on the CPU (default: torch's)")
+    b.add_argument("--no_check", action="store_true", help="skip the exactness check against transformers")
+    b.add_argument("--json", action="store_true", help="print the record as JSON instead of tables")
+    b.add_argument("--out", default="results/bench", help="directory for the record (.json and .md); "
+                                                          "'-' writes none (default: results/bench)")
+    b.set_defaults(func=_bench)
+
+
+def _bench(args) -> int:
+    import torch
+
+    from .bench import BenchConfig, run_bench
+    from .bench.run import save_record
+    from .errors import QcfuseError
+    from .eval.sweep import parse_list
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device == "cuda"
+    if args.threads is not None:
+        if args.threads < 1:
+            raise QcfuseError("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    cfg = BenchConfig(
+        device=device, model=args.model, config=None if args.model else (args.config or ("qwen3-8b" if gpu else
+                                                                                          "smollm2-135m")),
+        dtype=args.dtype or ("bfloat16" if gpu else "float32"),
+        tokens=parse_list(args.tokens or ("4096,8192,16384,32768" if gpu else "4096"), "tokens", int),
+        ratios=parse_list(args.ratios, "ratios", float), methods=parse_list(args.methods, "methods"),
+        kv_source=args.kv_source, chunk_tokens=args.chunk_tokens,
+        repeats=args.repeats if args.repeats is not None else (3 if gpu else 1),
+        warmup=args.warmup if args.warmup is not None else (1 if gpu else 0),
+        cache_dir=args.cache_dir, check=not args.no_check)
+    record = run_bench(cfg, log=(lambda *_: None) if args.json else print, progress=not args.json)
+    record["command"] = "qcfuse " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None
+    if args.out != "-":
+        path = save_record(record, args.out)
+        if not args.json:
+            print(f"wrote {path} and {path.with_suffix('.md')}")
+    if args.json:
+        print(json.dumps(record, indent=1))
     return 0
 
 

@@ -19,7 +19,7 @@ from .cache.loader import ChunkSource, LayerLoader
 from .cache.store import MemoryReader, TieredStore
 from .errors import QcfuseError
 from .fusion import SELECTORS, ReusedKV, Selector, make_selector
-from .fusion.fuse import FuseResult, fuse, greedy_decode
+from .fusion.fuse import FuseResult, fuse, greedy_decode, synchronize
 from .model.loader import LoadedModel
 from .prompt import PromptLayout, build_layout
 
@@ -51,8 +51,10 @@ class FusionEngine:
     def prepare(self, documents: list[str], progress: bool = False) -> int:
         """Precompute and store the cache of every chunk (and the prompt prefix) not yet stored; returns how
         many were computed."""
+        return self.prepare_layout(self.layout(documents, "?"), progress)
+
+    def prepare_layout(self, layout: PromptLayout, progress: bool = False) -> int:
         from tqdm import tqdm
-        layout = self.layout(documents, "?")
         pieces = [ids for ids in [layout.prefix, *layout.chunks] if ids]
         bar = tqdm(pieces, desc="preparing chunk caches", unit="chunk", disable=not progress, leave=False)
         computed = 0
@@ -140,6 +142,7 @@ class FusionEngine:
             reused = ReusedKV(sources, prefix_len=len(layout.prefix), loader=loader)
         try:
             out = fuse(model, layout, reused, selector, capacity=layout.n_tokens + max_new_tokens)
+            synchronize(model.device)
         finally:
             if loader is not None:
                 loader.close()

@@ -93,23 +93,40 @@ class LayerLoader:
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         try:
             for layer in range(self.n_layers):
-                k, v = self._read(layer)
                 if stream is not None:
-                    k, v = k.pin_memory(), v.pin_memory()
-                    with torch.cuda.stream(stream):
-                        k = k.to(self.device, non_blocking=True)
-                        v = v.to(self.device, non_blocking=True)
-                        event = torch.cuda.Event()
-                        event.record(stream)
+                    k, v = self._copy_to_device(layer, stream)
+                    event = torch.cuda.Event()
+                    event.record(stream)
                     self._events[layer] = event
-                elif k.device != self.device:
-                    k, v = k.to(self.device), v.to(self.device)
+                else:
+                    k, v = self._read(layer)
+                    if k.device != self.device:
+                        k, v = k.to(self.device), v.to(self.device)
                 self._layers[layer] = (k, v)
                 self._ready[layer].set()
         except BaseException as exc:       # surfaced to the consumer, never swallowed
             self._error = exc
             for event in self._ready:
                 event.set()
+
+    def _copy_to_device(self, layer: int, stream) -> tuple[torch.Tensor, torch.Tensor]:
+        """CUDA: each chunk's layer goes straight into its slice of one device tensor on the copy stream
+        (host pieces staged in pinned memory first unless already pinned), with no joined host copy."""
+        pairs = [s.layer(layer) for s in self.sources]
+        heads, dim = pairs[0][0].shape[0], pairs[0][0].shape[2]
+        total = sum(p[0].shape[1] for p in pairs)
+        with torch.cuda.stream(stream):
+            k = torch.empty((heads, total, dim), dtype=pairs[0][0].dtype, device=self.device)
+            v = torch.empty_like(k)
+            start = 0
+            for pk, pv in pairs:
+                n = pk.shape[1]
+                for src, dst in ((pk, k), (pv, v)):
+                    if not src.is_cuda and not src.is_pinned():
+                        src = src.pin_memory()
+                    dst[:, start:start + n].copy_(src, non_blocking=True)
+                start += n
+        return k, v
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         t0 = time.perf_counter()
@@ -122,7 +139,11 @@ class LayerLoader:
             if self._error is not None:
                 raise self._error
             if self._events[layer] is not None:
-                torch.cuda.current_stream(self.device).wait_event(self._events[layer])
+                compute = torch.cuda.current_stream(self.device)
+                compute.wait_event(self._events[layer])
+                for t in self._layers[layer]:       # allocated on the copy stream, used and freed on this one
+                    t.record_stream(compute)
+                self._events[layer] = None
         self.io_wait_s += time.perf_counter() - t0
         return self._layers[layer]
 

@@ -77,11 +77,15 @@ class MemoryReader(EntryReader):
 
 
 class MemoryTier(Tier):
-    """In-process LRU bounded in bytes. Holds tensors: no encoding on the fast path."""
+    """In-process LRU bounded in bytes. Holds tensors: no encoding on the fast path.
+
+    device: keep entries on this device (e.g. "cpu" in pinned memory next to a GPU, so layers stream to it
+    asynchronously; or the GPU itself); None keeps them where they were computed."""
     name = "memory"
 
-    def __init__(self, max_bytes: int = 4 << 30):
+    def __init__(self, max_bytes: int = 4 << 30, device: str | None = None, pin: bool = False):
         self.max_bytes = int(max_bytes)
+        self.device, self.pin = device, pin
         self._entries: OrderedDict[str, tuple[str, ChunkKV]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -99,6 +103,8 @@ class MemoryTier(Tier):
     def put(self, key, fingerprint, entry):
         if entry.nbytes > self.max_bytes:
             return
+        if self.device is not None or self.pin:
+            entry = self._placed(entry)
         with self._lock:
             if key in self._entries:
                 self._bytes -= self._entries.pop(key)[1].nbytes
@@ -107,6 +113,12 @@ class MemoryTier(Tier):
             while self._bytes > self.max_bytes:
                 _, (_, old) = self._entries.popitem(last=False)
                 self._bytes -= old.nbytes
+
+    def _placed(self, entry: ChunkKV) -> ChunkKV:
+        def place(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(self.device) if self.device is not None else t
+            return t.pin_memory() if self.pin and not t.is_cuda else t
+        return ChunkKV(place(entry.k), place(entry.v), {name: place(t) for name, t in entry.extras.items()})
 
     def delete(self, key):
         with self._lock:

@@ -40,9 +40,9 @@ def fuse(model: Transformer, layout: PromptLayout, reused: ReusedKV | None, sele
     if selector.uses_cache:
         t0 = time.perf_counter()
         doc_rows = _checked(selector.select(FusionInputs(model, layout, reused)), layout)
+        synchronize(model.device)
         selection_s = time.perf_counter() - t0
         always = layout.suffix_positions()
-        ctx_pos = torch.arange(ctx, device=model.device)
     else:   # plain prefill: the prefix is computed too and nothing is read
         doc_rows, selection_s = docs, 0.0
         always = torch.cat([torch.arange(len(layout.prefix)), layout.suffix_positions()])
@@ -53,27 +53,35 @@ def fuse(model: Transformer, layout: PromptLayout, reused: ReusedKV | None, sele
     for layer in range(model.n_layers):
         if selector.uses_cache:
             k_old, v_old = reused.layer(layer)                             # [Hkv, ctx, D] pre-RoPE
-            buffer.write(layer, ctx_pos, model.rope(layer, k_old, ctx_pos), v_old)
+            model.place_reused(buffer, layer, k_old, v_old)
         window = model.spec.layers[layer].window
         if window not in masks:
-            masks[window] = model.attention_mask(layer, rows, torch.arange(n, device=model.device))
+            masks[window] = model.attention_bias(layer, rows, torch.arange(n, device=model.device))
         h, k_new, v_new = model.layer_step(layer, h, rows, buffer, n, masks[window])
 
         if selector.uses_cache and layer in selector.refine_layers:
+            synchronize(model.device)                                      # time the refinement alone
             t0 = time.perf_counter()
             n_doc = int((rows < ctx).sum())
             doc_idx = rows[:n_doc]
             view = LayerView(layer, rows, n_doc, k_new, v_new, k_old[:, doc_idx], v_old[:, doc_idx], h)
             keep = _checked(selector.refine(view), layout)
-            if not bool(torch.isin(keep, doc_idx).all()):
+            if not bool(torch.isin(keep.to(doc_idx.device), doc_idx).all()):
                 raise RuntimeError(f"{selector.name}.refine may only narrow the active rows")
             keep_mask = torch.isin(rows, keep.to(rows.device)) | (rows >= ctx)
             rows, h = rows[keep_mask], h[keep_mask]
             masks.clear()
+            synchronize(model.device)
             selection_s += time.perf_counter() - t0
 
     recomputed = rows[(rows >= len(layout.prefix)) & (rows < ctx)]
     return FuseResult(buffer, model.logits(h[-1:])[0], recomputed.cpu(), selection_s)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timings mean what they say (no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _checked(positions: torch.Tensor, layout: PromptLayout) -> torch.Tensor:

@@ -38,6 +38,7 @@ class ReusedKV:
             self.starts.append(self.starts[-1] + p.n_tokens)
         self.n_layers = pieces[0].n_layers if pieces else 0
         self.loader = loader if loader is not None else LayerLoader(pieces, self.n_layers, background=False)
+        self.device = self.loader.device              # where compute runs; stored extras may sit on the host
         self.reads: list[tuple[str, int]] = []
         self._consumed: set[int] = set()
 
@@ -59,7 +60,7 @@ class ReusedKV:
         self.reads.append(("keys", layer))
         stored = [_critical_keys(p.extras, layer) for p in self.pieces]
         if all(k is not None for k in stored):
-            return torch.cat(stored, dim=1)
+            return torch.cat([k.to(self.device, non_blocking=True) for k in stored], dim=1)
         return self.loader.layer(layer)[0]
 
     def anchors(self, layer: int, ratio: float, name: str = "anchor_rank"):
@@ -84,9 +85,9 @@ class ReusedKV:
                     k_full, v_full = piece.layer(layer)
                     k, v = k_full[:, idx], v_full[:, idx]
             positions.append(idx + start)
-            ks.append(k)
-            vs.append(v)
-        return torch.cat(positions), torch.cat(ks, dim=1), torch.cat(vs, dim=1)
+            ks.append(k.to(self.device, non_blocking=True))
+            vs.append(v.to(self.device, non_blocking=True))
+        return torch.cat(positions).to(self.device), torch.cat(ks, dim=1), torch.cat(vs, dim=1)
 
 
 def _critical_keys(extras: dict, layer: int) -> torch.Tensor | None:

@@ -68,15 +68,16 @@ def describe(hf_model) -> FamilySpec:
 def _ropes(hf_model) -> dict[str | None, Rope]:
     """One Rope per layer type (Gemma3 has a local and a global one); key None for single-RoPE models."""
     rotary = hf_model.model.rotary_emb
+    window = hf_model.config.max_position_embeddings
     params = hf_model.config.rope_parameters or {}
     if hasattr(rotary, "inv_freq"):
         _check_static(params.get("rope_type", "default"))
-        return {None: Rope(rotary.inv_freq, rotary.attention_scaling)}
+        return {None: Rope(rotary.inv_freq, rotary.attention_scaling, window)}
     out = {}
     for layer_type in set(hf_model.config.layer_types):
         _check_static(params[layer_type].get("rope_type", "default"))
         out[layer_type] = Rope(getattr(rotary, f"{layer_type}_inv_freq"),
-                               getattr(rotary, f"{layer_type}_attention_scaling"))
+                               getattr(rotary, f"{layer_type}_attention_scaling"), window)
     return out
 
 

@@ -1,0 +1,327 @@
+"""`qcfuse bench`: time to first token (TTFT) of transformers full prefill, qcfuse full prefill and fused
+prefill per method and ratio, measured side by side in one run, with the reused KV streamed layer by layer
+from GPU memory, pinned host memory, or disk.
+
+Speed does not depend on weight values, so the shipped configs (real 8B shapes) get random weights; `--model`
+benchmarks a real model instead. Prompts are random token ids laid out like a RAG prompt: a short system
+prefix, chunks of `chunk_tokens`, and a question suffix. Chunk caches are prepared before timing (offline
+work); every fused TTFT counts selection, waiting for layers and compute.
+
+The run also checks itself: qcfuse full prefill and recompute-everything fusion must give transformers' own
+logits (the max absolute difference is printed and recorded).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from ..errors import QcfuseError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+PREFIX_TOKENS = 32          # system prompt
+SUFFIX_TOKENS = 64          # question and answer cue
+KV_SOURCES = ("gpu", "host", "disk")
+DEFAULT_METHODS = ("reuse", "cacheblend", "epic", "prophetkv", "fuserag", "qcfuse")
+
+
+@dataclass
+class BenchConfig:
+    device: str = "cpu"
+    config: str | None = None            # shipped config name or path (random weights) ...
+    model: str | None = None             # ... or a real model (alias, HF directory, .gguf)
+    dtype: str = "float32"
+    tokens: list[int] = field(default_factory=lambda: [4096])
+    ratios: list[float] = field(default_factory=lambda: [0.05, 0.15, 0.3])
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    kv_source: str = "host"
+    chunk_tokens: int = 512
+    repeats: int = 1
+    warmup: int = 0
+    seed: int = 0
+    cache_dir: str | None = None         # disk source: where the chunk caches go (default: a temporary dir)
+    check: bool = True
+
+
+# -- configs and models ------------------------------------------------------------------------------------
+def config_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def load_config(name: str) -> tuple[str, dict]:
+    """A shipped config by name, or a transformers config .json by path: (name, config dict)."""
+    path = Path(name).expanduser()
+    if not (path.suffix == ".json" and path.is_file()):
+        path = CONFIG_DIR / f"{name}.json"
+        if not path.is_file():
+            raise QcfuseError(f"unknown config '{name}' (shipped: {', '.join(config_names())}; or the path of a "
+                              "transformers config .json)")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as exc:
+        raise QcfuseError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise QcfuseError(f"{path}: expected a transformers config with a 'model_type'")
+    return path.stem, {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+class _FixedIdsTokenizer:
+    """Random weights have no tokenizer; QCFuse's offline probe only needs some fixed ids for its text."""
+    eos_token_id = None
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __call__(self, text: str, add_special_tokens: bool = True):
+        return SimpleNamespace(input_ids=[1 + b % (self.vocab_size - 1) for b in text.encode()])
+
+
+def random_model(name: str, config: dict, device: str, dtype: torch.dtype, seed: int = 0):
+    """A transformers model of `config`'s shape with random weights, built directly on `device`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from ..model.loader import LoadedModel
+    from ..model.transformer import Transformer
+    hf_logging.set_verbosity_error()
+    try:
+        cfg = AutoConfig.for_model(**config)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise QcfuseError(f"config '{name}': {exc}") from None
+    torch.manual_seed(seed)
+    with torch.device(device):
+        hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    return LoadedModel(f"random:{name}", Transformer(hf), _FixedIdsTokenizer(cfg.vocab_size),
+                       _fingerprint=f"random:{name}:{seed}:{dtype}")
+
+
+def random_layout(n_tokens: int, vocab_size: int, chunk_tokens: int, seed: int):
+    """A RAG-shaped prompt of random ids: prefix, chunks of `chunk_tokens` (the last may be shorter), suffix."""
+    from ..prompt import PromptLayout
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (n_tokens,), generator=g).tolist()
+    body = ids[PREFIX_TOKENS:n_tokens - SUFFIX_TOKENS]
+    chunks = [body[i:i + chunk_tokens] for i in range(0, len(body), chunk_tokens)]
+    return PromptLayout(ids[:PREFIX_TOKENS], chunks, ids[n_tokens - SUFFIX_TOKENS:], question=(0, SUFFIX_TOKENS))
+
+
+def _store(cfg: BenchConfig, tmp: str):
+    from ..cache.store import MemoryTier, TieredStore
+    unbounded = 1 << 50
+    if cfg.kv_source == "gpu":
+        return TieredStore([MemoryTier(unbounded, device=cfg.device)])
+    if cfg.kv_source == "host":
+        return TieredStore([MemoryTier(unbounded, device="cpu", pin=cfg.device.startswith("cuda"))])
+    from ..cache.disk import DiskTier
+    return TieredStore([DiskTier(cfg.cache_dir or tmp, unbounded)])      # no memory tier: every read hits disk
+
+
+# -- timing ------------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def _hf_prefill(hf, ids: torch.Tensor) -> torch.Tensor:
+    return hf(input_ids=ids[None], logits_to_keep=1).logits[0, -1].float()
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def _measure(fn, device, repeats: int, warmup: int):
+    """(median seconds, results of the timed calls)"""
+    for _ in range(warmup):
+        fn()
+    times, outs = [], []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        outs.append(out)
+    return _median(times), outs
+
+
+def _validate(cfg: BenchConfig, window: int) -> None:
+    from ..fusion import make_selector
+    if cfg.kv_source not in KV_SOURCES:
+        raise QcfuseError(f"--kv-source must be one of {', '.join(KV_SOURCES)}")
+    if cfg.kv_source == "gpu" and not cfg.device.startswith("cuda"):
+        raise QcfuseError("--kv-source gpu needs --device cuda (on the CPU, 'host' is memory)")
+    if cfg.repeats < 1 or cfg.warmup < 0:
+        raise QcfuseError("--repeats must be at least 1 and --warmup at least 0")
+    if cfg.chunk_tokens < 1:
+        raise QcfuseError("--chunk_tokens must be at least 1")
+    least = PREFIX_TOKENS + SUFFIX_TOKENS + 1
+    for n in cfg.tokens:
+        if n < least:
+            raise QcfuseError(f"--tokens {n}: at least {least} (prefix {PREFIX_TOKENS} + suffix {SUFFIX_TOKENS} + 1)")
+        if n + 1 > window:
+            raise QcfuseError(f"--tokens {n} does not fit the model's window of {window} tokens")
+    for m in cfg.methods:
+        for r in cfg.ratios:
+            selector = make_selector(m, r)               # unknown method, bad ratio: a clear error
+            if not selector.uses_cache:
+                raise QcfuseError(f"--methods: '{m}' is not a fusion method (full prefill is always measured)")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+# -- the run -----------------------------------------------------------------------------------------------
+def run_bench(cfg: BenchConfig, log=print, progress: bool = True) -> dict:
+    """Measure every context length; returns the record (also what --json prints)."""
+    from tqdm import tqdm
+
+    from ..engine import FusionEngine
+    from ..fusion import make_selector
+
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise QcfuseError("--device cuda: no CUDA GPU is available here (use --device cpu)")
+    device = torch.device(cfg.device)
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.model:
+        from ..model.loader import load_model
+        loaded = load_model(cfg.model, dtype=dtype, quiet=True)
+        loaded.hf.to(device)
+        loaded.transformer.device = device
+        name, weights = cfg.model, "real"
+    else:
+        name, config = load_config(cfg.config or "smollm2-135m")
+        loaded = random_model(name, config, str(device), dtype, cfg.seed)
+        weights = "random"
+    model = loaded.transformer
+    _validate(cfg, model.max_positions)
+    vocab = loaded.hf.config.vocab_size
+
+    record = {"device": device_name(device), "device_type": device.type, "config": name, "weights": weights,
+              "dtype": cfg.dtype, "kv_source": cfg.kv_source, "chunk_tokens": cfg.chunk_tokens,
+              "repeats": cfg.repeats, "warmup": cfg.warmup,
+              "versions": {"torch": torch.__version__, "transformers": _version("transformers"),
+                           "python": platform.python_version(), "qcfuse": _version("qcfuse")},
+              "command": None,     # the CLI fills it in
+              "time": datetime.datetime.now().isoformat(timespec="seconds"), "results": []}
+
+    # one-time kernel set-up stays out of every measurement
+    warm = torch.randint(3, vocab, (64,), device=device)
+    _hf_prefill(loaded.hf, warm)
+    model.prefill(warm)
+
+    with tempfile.TemporaryDirectory(prefix="qcfuse-bench-") as tmp:
+        for n_tokens in cfg.tokens:
+            layout = random_layout(n_tokens, vocab, cfg.chunk_tokens, cfg.seed + n_tokens)
+            engine = FusionEngine(loaded, store=_store(cfg, tmp))
+            ids = layout.ids.to(device)
+            res = {"tokens": n_tokens, "chunks": len(layout.chunks), "fused": []}
+
+            t_hf, outs = _measure(lambda: _hf_prefill(loaded.hf, ids), device, cfg.repeats, cfg.warmup)
+            ref = outs[-1]
+            res["transformers_ms"] = 1000 * t_hf
+            full = make_selector("fullcomp")
+            t_full, outs = _measure(lambda: engine.prefill(layout, full, 1), device, cfg.repeats, cfg.warmup)
+            res["qcfuse_full_ms"] = 1000 * t_full
+            if cfg.check:
+                res["check_full_max_abs_diff"] = float((outs[-1][0].logits.float() - ref).abs().max())
+
+            t0 = time.perf_counter()
+            engine.prepare_layout(layout, progress=progress)
+            res["prepare_s"] = time.perf_counter() - t0
+            if cfg.check:       # fusion that recomputes every document token must be full prefill again
+                out, _ = engine.prefill(layout, make_selector("qcfuse", 1.0), 1)
+                res["check_fused_max_abs_diff"] = float((out.logits.float() - ref).abs().max())
+
+            runs = [(m, r) for m in cfg.methods for r in ([None] if m == "reuse" else cfg.ratios)]
+            bar = tqdm(runs, desc=f"{n_tokens} tokens", unit="run", disable=not progress, leave=False)
+            for method, ratio in bar:
+                stats = []
+
+                def once():
+                    _, s = engine.prefill(layout, make_selector(method, ratio or 0.0), 1)
+                    stats.append(s)
+                    return s
+                _measure(once, device, cfg.repeats, cfg.warmup)
+                timed = stats[cfg.warmup:]
+                ttft = _median([s["ttft_s"] for s in timed])
+                sel = _median([s["selection_s"] for s in timed])
+                wait = _median([s["io_wait_s"] for s in timed])
+                res["fused"].append({
+                    "method": method, "ratio": ratio, "ttft_ms": 1000 * ttft, "selection_ms": 1000 * sel,
+                    "load_wait_ms": 1000 * wait, "compute_ms": 1000 * max(0.0, ttft - sel - wait),
+                    "recomputed_tokens": timed[-1]["recomputed_tokens"], "bytes_loaded": timed[-1]["bytes_loaded"],
+                    "speedup_vs_transformers": t_hf / ttft, "speedup_vs_qcfuse_full": t_full / ttft,
+                })
+            record["results"].append(res)
+            log(format_result(res, record))
+            engine.store.clear()
+    return record
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def format_result(res: dict, record: dict) -> str:
+    lines = [f"{res['tokens']} tokens ({res['chunks']} chunks of {record['chunk_tokens']}, prefix {PREFIX_TOKENS}, "
+             f"suffix {SUFFIX_TOKENS}) on {record['device']}, {record['dtype']}, {record['weights']} weights of "
+             f"{record['config']}, KV from {record['kv_source']}",
+             f"  transformers full prefill (SDPA)  {res['transformers_ms']:9.1f} ms",
+             f"  qcfuse full prefill               {res['qcfuse_full_ms']:9.1f} ms   "
+             f"({res['transformers_ms'] / res['qcfuse_full_ms']:.2f}x)"]
+    if "check_full_max_abs_diff" in res:
+        lines.append(f"  check: max |logit diff| vs transformers: qcfuse full {res['check_full_max_abs_diff']:.2e}, "
+                     f"fused with every token recomputed {res['check_fused_max_abs_diff']:.2e}")
+    lines.append(f"  {'method':<11}{'ratio':>6}{'TTFT ms':>10}{'select':>9}{'wait':>8}{'compute':>9}"
+                 f"{'sel %':>7}{'vs HF':>8}{'vs full':>9}")
+    for f in res["fused"]:
+        ratio = "-" if f["ratio"] is None else f"{f['ratio']:g}"
+        share = 100 * f["selection_ms"] / f["ttft_ms"] if f["ttft_ms"] else 0.0
+        lines.append(f"  {f['method']:<11}{ratio:>6}{f['ttft_ms']:10.1f}{f['selection_ms']:9.1f}"
+                     f"{f['load_wait_ms']:8.1f}{f['compute_ms']:9.1f}{share:6.1f}%"
+                     f"{f['speedup_vs_transformers']:7.2f}x{f['speedup_vs_qcfuse_full']:8.2f}x")
+    return "\n".join(lines)
+
+
+def save_record(record: dict, out_dir: str | Path) -> Path:
+    """results/bench/{config}_{device}_{kv}_{time}.json, plus the printed tables as .md beside it."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in record["device"].split(" (")[0]).strip("-").lower()
+    stem = f"{record['config']}_{slug}_{record['kv_source']}_{record['time'].replace(':', '')}"
+    path = out_dir / f"{stem}.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    md = [f"# qcfuse bench: {record['config']} on {record['device']}", "",
+          f"torch {record['versions']['torch']}, transformers {record['versions']['transformers']}, "
+          f"{record['dtype']}, {record['weights']} weights, KV from {record['kv_source']}, median of "
+          f"{record['repeats']} (warm-up {record['warmup']}), {record['time']}", ""]
+    if record.get("command"):
+        md += ["```", record["command"], "```", ""]
+    md += ["```", *(format_result(r, record) for r in record["results"]), "```", ""]
+    path.with_suffix(".md").write_text("\n".join(md))
+    return path
