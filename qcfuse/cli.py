@@ -259,6 +259,9 @@ def _add_eval_commands(sub) -> None:
             e.add_argument("--methods", required=True, help="comma-separated, e.g. reuse,cacheblend,qcfuse")
             e.add_argument("--ratios", default="0.05,0.1,0.15,0.3,0.5")
             e.add_argument("--out_dir", help="default: results/sweep_{dataset}")
+            e.add_argument("--report", action="store_true",
+                           help="run nothing: rebuild table.md and tradeoff.png from the results already in "
+                                "--out_dir, over the samples every run has finished")
             e.set_defaults(func=_sweep)
 
 
@@ -298,6 +301,10 @@ def _sweep(args) -> int:
     from .eval.sweep import parse_list, run_sweep
     methods = parse_list(args.methods, "methods")
     ratios = parse_list(args.ratios, "ratios", float)
+    if args.report:
+        from .eval.sweep import report_finished
+        report_finished(args.out_dir or f"results/sweep_{args.dataset}", args.dataset, methods, ratios)
+        return 0
     run_sweep(_eval_config(args, method="fullcomp", ratio=None), methods, ratios,
               args.out_dir or f"results/sweep_{args.dataset}")
     return 0

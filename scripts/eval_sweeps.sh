@@ -9,7 +9,8 @@
 # point leaves every method and ratio measured on the same samples. Every step resumes: rows already in the
 # results files are skipped, and the full-prefill references are kept under results/eval/*/refs (not committed).
 # Chunk caches live in memory only (per step: a few GB), so nothing large is written to disk.
-# Afterwards, `python -m qcfuse sweep ...` with the same flags and a --size reprints a table without running.
+# `python -m qcfuse sweep --dataset NAME --methods ... --out_dir results/eval/NAME --report` rebuilds table.md and
+# tradeoff.png from whatever is finished, without running anything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

@@ -265,7 +265,7 @@ def test_sweep_writes_table_and_plot(tmp_path, capsys):
     for row in ("| fullcomp | - | 1 |", "| cacheblend | 0.1 | 1 |", "| cacheblend | 0.5 | 1 |", "| epic | 0.1 |",
                 "| epic | 0.5 |"):
         assert row in table, row
-    assert "- cacheblend:" in table and "- epic:" in table
+    assert "Smallest ratio that stays within 1%" in table and "| cacheblend | " in table and "| epic | " in table
     assert "| fullcomp | - | 1 | " in table and "| 100.0% | 100.0% | 0.0000 |" in table
     png = (out_dir / "tradeoff.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -293,8 +293,35 @@ def test_report_smallest_ratio_within_one_percent(tmp_path):
     result = write_report(tmp_path, "toy", runs, log=lambda *_: None)
     table = (tmp_path / "table.md").read_text()
     assert result["smallest_ratio"] == {"good": 0.3, "bad": None}
-    assert "- good: 0.3" in table and "- bad: none in grid" in table
+    by = result["smallest_ratio_by"]
+    assert by["top1"] == by["same_answer"] == {"good": 0.3, "bad": None}
+    assert by["score"] == {"good": 0.1, "bad": 0.1}       # every run scores as full prefill does
+    assert "| good | 0.1 (3.33x) | 0.3 (2.00x) | 0.3 (2.00x) |" in table
+    assert "| bad | 0.1 (3.33x) | none in grid | none in grid |" in table
     assert "| good | 0.5 | 100 | 0.500 | 1.000 | 100.0% | 100.0% | 0.0000 | 700 | 1.43x |" in table
+
+
+def test_report_of_an_unfinished_sweep_compares_the_same_samples(tmp_path, capsys):
+    def rows(name, method, ratio, n, top1=True, first=0):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({
+            "id": str(first + i), "method": method, "ratio": ratio, "score": 0.5, "score_full": 0.5, "same_answer": top1,
+            "top1": top1, "kl": 0.0, "ttft_s": 0.5, "ttft_full_s": 1.0, "selection_s": 0.0}) + "\n"
+            for i in range(n)))
+    rows("fullcomp", "fullcomp", None, 10)
+    rows("reuse", "reuse", None, 10, top1=False)
+    rows("qcfuse_r0.1", "qcfuse", 0.1, 7)             # stopped mid-step: only the first 7 samples
+    rc, text, err = _cli(capsys, "sweep", "--dataset", "musique_s", "--methods", "reuse,qcfuse",
+                         "--ratios", "0.1,0.5", "--report", "--out_dir", str(tmp_path))
+    assert rc == 0, err
+    assert "not run yet: qcfuse_r0.5" in text
+    table = (tmp_path / "table.md").read_text()
+    assert "| fullcomp | - | 7 |" in table and "| reuse | - | 7 |" in table and "| qcfuse | 0.1 | 7 |" in table
+    assert "| reuse | yes (ratio-free) | no (ratio-free) | no (ratio-free) |" in table
+    assert "qcfuse | 0.5" not in table
+    rows("qcfuse_r0.1", "qcfuse", 0.1, 3, first=50)     # samples no other run has
+    rc, _, err = _cli(capsys, "sweep", "--dataset", "musique_s", "--methods", "qcfuse", "--ratios", "0.1",
+                      "--report", "--out_dir", str(tmp_path))
+    assert rc == 2 and "no sample is finished by every run" in err
 
 
 # -- command-line errors ---------------------------------------------------------------------------------------
