@@ -84,6 +84,8 @@ def test_cli_json_and_record(tiny_config, tmp_path, capsys):
     assert len(saved) == 1 and json.loads(saved[0].read_text())["results"] == record["results"]
     md = saved[0].with_suffix(".md").read_text()
     assert "transformers full prefill" in md and "qcfuse" in md
+    png = saved[0].with_suffix(".png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
 
 
 def test_cli_prints_tables(tiny_config, capsys):

@@ -309,7 +309,7 @@ def format_result(res: dict, record: dict) -> str:
 
 
 def save_record(record: dict, out_dir: str | Path) -> Path:
-    """results/bench/{config}_{device}_{kv}_{time}.json, plus the printed tables as .md beside it."""
+    """results/bench/{config}_{device}_{kv}_{time}.json, plus the printed tables (.md) and a plot (.png)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in record["device"].split(" (")[0]).strip("-").lower()
@@ -324,4 +324,43 @@ def save_record(record: dict, out_dir: str | Path) -> Path:
         md += ["```", record["command"], "```", ""]
     md += ["```", *(format_result(r, record) for r in record["results"]), "```", ""]
     path.with_suffix(".md").write_text("\n".join(md))
+    plot_record(record, path.with_suffix(".png"))
     return path
+
+
+def plot_record(record: dict, path: Path) -> None:
+    """One panel per context length: every run's TTFT as a bar split into selection / load wait / compute,
+    against transformers' full prefill (dashed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = record["results"]
+    n_runs = max(len(r["fused"]) for r in results) + 1
+    fig, axes = plt.subplots(len(results), 1, figsize=(9, 0.32 * n_runs * len(results) + 1.2), squeeze=False)
+    parts = [("selection_ms", "selection", "tab:orange"), ("load_wait_ms", "load wait", "tab:red"),
+             ("compute_ms", "compute", "tab:blue")]
+    for ax, res in zip(axes[:, 0], results):
+        labels = ["qcfuse full prefill"] + [f["method"] + ("" if f["ratio"] is None else f" {f['ratio']:g}")
+                                            for f in res["fused"]]
+        y = list(range(len(labels)))[::-1]
+        ax.barh(y[0], res["qcfuse_full_ms"], color="tab:gray")
+        left = [0.0] * len(res["fused"])
+        for key, name, color in parts:
+            values = [f[key] for f in res["fused"]]
+            ax.barh(y[1:], values, left=left, color=color, label=name)
+            left = [a + b for a, b in zip(left, values)]
+        for yy, f in zip(y[1:], res["fused"]):
+            ax.annotate(f"{f['speedup_vs_transformers']:.1f}x", (f["ttft_ms"], yy), xytext=(3, -3),
+                        textcoords="offset points", fontsize=7)
+        ax.axvline(res["transformers_ms"], color="black", linestyle="--", label="transformers full prefill")
+        ax.set_yticks(y, labels, fontsize=8)
+        ax.set_xlabel("TTFT (ms)")
+        ax.set_title(f"{res['tokens']} tokens", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0, 0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{record['config']} on {record['device']}, {record['dtype']}, KV from {record['kv_source']}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
