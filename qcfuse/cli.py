@@ -402,6 +402,8 @@ def _add_serve_command(sub) -> None:
     sv.add_argument("--ratio", type=float, default=0.15, help="recompute ratio when a request names none (0.15)")
     sv.add_argument("--cache_dir", help="keep chunk caches in this directory too")
     sv.add_argument("--redis_url", help="share chunk caches through this Redis, e.g. redis://localhost:6379/0")
+    sv.add_argument("--max_queue", type=int, default=64,
+                    help="requests waiting for the engine before new ones get 429 with Retry-After (default 64)")
     sv.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     sv.set_defaults(func=_serve)
 
@@ -412,11 +414,14 @@ def _serve(args) -> int:
     from .fusion import make_selector
     from .serve import check_port_free, run_server
     make_selector(args.method, args.ratio)                    # fail before loading the model
+    if args.max_queue < 1:
+        from .errors import QcfuseError
+        raise QcfuseError("--max_queue must be at least 1")
     check_port_free(args.host, args.port)
     model = _load(args)
     engine = FusionEngine(model, store=open_store(cache_dir=args.cache_dir, redis_url=args.redis_url))
     engine.warmup()
-    run_server(engine, args.model, args.host, args.port, args.method, args.ratio, args.log_level)
+    run_server(engine, args.model, args.host, args.port, args.method, args.ratio, args.log_level, args.max_queue)
     return 0
 
 

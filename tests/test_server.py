@@ -21,15 +21,14 @@ ORCHARD = ["The orchard on Hill Road grows pears and plums.", "Plums are harvest
            "The orchard was planted in 1962 by the Marsh family."]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def _serve(tmp_path_factory, *extra):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = tmp_path_factory.mktemp("serve") / "server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "qcfuse", "serve", "--model", MODEL, "--port", str(port),
-                                 "--log_level", "warning"], stdout=out, stderr=subprocess.STDOUT)
+                                 "--log_level", "warning", *extra], stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
     while True:
@@ -51,6 +50,11 @@ def server(tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    yield from _serve(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +226,31 @@ def test_concurrent_clients_lose_nothing(server):
     assert metric(server, "qcfuse_requests_total") == before + report.sent      # the server saw every one
     assert metric(server, "qcfuse_requests_in_flight") == 0
     assert report.percentile(50) <= report.percentile(99)
+
+
+def test_a_full_queue_answers_429_with_retry_after(tmp_path_factory):
+    serve = _serve(tmp_path_factory, "--max_queue", "2")
+    url = next(serve)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me about the orchard."}],
+            "max_tokens": 24, "documents": ORCHARD, "fusion": {"method": "reuse"}}
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=300) as http:
+            return await asyncio.gather(*[http.post(f"{url}/v1/chat/completions", json=body) for _ in range(8)])
+    try:
+        replies = asyncio.run(burst())
+        codes = sorted(r.status_code for r in replies)
+        assert codes.count(200) >= 2 and codes.count(429) >= 1 and set(codes) <= {200, 429}, codes
+        busy = next(r for r in replies if r.status_code == 429)
+        assert 1 <= int(busy.headers["retry-after"]) <= 60
+        error = busy.json()["error"]
+        assert error["code"] == "server_busy" and "--max_queue 2" in error["message"]
+        assert metric(url, "qcfuse_request_errors_total", status="429") == codes.count(429)
+        # once the queue drains, the server answers again
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+        assert ask(client, ORCHARD, max_tokens=2).choices[0].message.content is not None
+    finally:
+        next(serve, None)
 
 
 def test_metrics_count_what_happened(server):

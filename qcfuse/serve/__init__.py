@@ -21,7 +21,7 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def run_server(engine, model_name: str, host: str, port: int, method: str, ratio: float,
-               log_level: str = "info") -> None:
+               log_level: str = "info", max_queue: int = 64) -> None:
     import uvicorn
-    app = create_app(engine, model_name, method=method, ratio=ratio)
+    app = create_app(engine, model_name, method=method, ratio=ratio, max_queue=max_queue)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from contextlib import asynccontextmanager
 
@@ -22,15 +23,22 @@ from .streaming import TokenStream
 from .worker import EngineWorker, PreparedRequest, prepare
 
 log = logging.getLogger("qcfuse.serve")
+MAX_QUEUE = 64            # requests waiting for the engine before new ones get 429
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def create_app(engine: FusionEngine, model_name: str, method: str = "qcfuse", ratio: float = 0.15,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, max_queue: int = MAX_QUEUE) -> FastAPI:
     """An app serving `engine` as model `model_name`. `method`/`ratio` apply when a request names no fusion;
-    bodies over `max_body_bytes` are refused with 413."""
+    bodies over `max_body_bytes` are refused with 413; with `max_queue` requests already waiting for the
+    engine, a new one is refused with 429 and a Retry-After estimate (clients back off instead of piling up)."""
     make_selector(method, ratio)              # a bad default fails at start-up, not on the first request
+    if max_queue < 1:
+        raise QcfuseError("--max_queue must be at least 1")
     worker = EngineWorker(engine)
+    # requests admitted but not yet holding the engine: still arriving (body, tokenizing) or waiting for their
+    # turn; and a running estimate of the time one request holds the engine
+    queue = {"arriving": 0, "waiting": 0, "service_s": 1.0}
     metrics = ServerMetrics()
     started = int(time.time())
 
@@ -80,17 +88,50 @@ def create_app(engine: FusionEngine, model_name: str, method: str = "qcfuse", ra
     async def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    @asynccontextmanager
+    async def engine_turn():
+        """The engine for one whole request, in arrival order; the wait is counted for admission control."""
+        queue["waiting"] += 1
+        try:
+            await worker.turn().acquire()
+        finally:
+            queue["waiting"] -= 1
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            worker.turn().release()
+            queue["service_s"] = 0.8 * queue["service_s"] + 0.2 * (time.perf_counter() - began)
+
+    def admit() -> None:
+        queued = queue["arriving"] + queue["waiting"]
+        if queued >= max_queue:
+            retry = max(1, min(60, math.ceil(queue["service_s"] * (queued + 1))))
+            metrics.errors.labels(status="429").inc()
+            raise QueueFull(f"the server is busy: {queued} requests are already waiting for the engine "
+                            f"(--max_queue {max_queue}); retry in about {retry} s", retry)
+        queue["arriving"] += 1
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(_request, exc: QueueFull):
+        return JSONResponse(error_body(str(exc), "rate_limit_error", code="server_busy"), status_code=429,
+                            headers={"Retry-After": str(exc.retry_after_s)})
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         arrived = time.perf_counter()
         metrics.requests.inc()
-        chat = parse_chat_request(await _read_json(request, max_body_bytes), model_name, method, ratio)
-        prepared = await worker.run(prepare, engine, chat)
+        admit()
+        try:
+            chat = parse_chat_request(await _read_json(request, max_body_bytes), model_name, method, ratio)
+            prepared = await worker.run(prepare, engine, chat)
+        finally:        # from here it counts as waiting (engine_turn), with no await in between
+            queue["arriving"] -= 1
         if chat.stream:
             return StreamingResponse(stream_events(chat, prepared, arrived), media_type="text/event-stream",
                                      headers=SSE_HEADERS)
         with metrics.in_flight.track_inprogress():
-            async with worker.turn():
+            async with engine_turn():
                 queue_s = time.perf_counter() - arrived
                 if await request.is_disconnected():        # left while queued: do not generate for nobody
                     metrics.disconnects.inc()
@@ -107,7 +148,7 @@ def create_app(engine: FusionEngine, model_name: str, method: str = "qcfuse", ra
         cid, created = new_completion_id()
         try:
             with metrics.in_flight.track_inprogress():
-                async with worker.turn():
+                async with engine_turn():
                     queue_s = time.perf_counter() - arrived
                     stream = await worker.run(TokenStream, engine, prepared.layout, prepared.selector,
                                               chat.max_tokens)
@@ -136,6 +177,12 @@ def create_app(engine: FusionEngine, model_name: str, method: str = "qcfuse", ra
         return stats
 
     return app
+
+
+class QueueFull(Exception):
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 def server_stats(stats: dict, prepared: PreparedRequest, queue_s: float) -> dict:
