@@ -22,6 +22,9 @@ VARIANTS = {
     "qcfuse, anchors 20%": ("qcfuse", {"anchor_ratio": 0.2}),
     "qcfuse, max over layers": ("qcfuse", {"reduction": "max"}),
     "qcfuse, layers 3-9": ("qcfuse", {"critical_layers": [3, 4, 5, 6, 7, 8, 9]}),
+    "qcfuse, spans (smooth=1)": ("qcfuse", {"smooth": 1}),
+    "qcfuse, spans (smooth=2)": ("qcfuse", {"smooth": 2}),
+    "qcfuse, chunk heads first (chunk_heads=4)": ("qcfuse", {"chunk_heads": 4}),
     "prophetkv (full view, all layers)": ("prophetkv", {}),
 }
 RATIOS = [0.05, 0.15]
@@ -72,15 +75,18 @@ def main() -> int:
     for r in rows:
         groups[(r["variant"], r["ratio"])].append(r)
     n = len({r["sample"] for r in rows})
-    lines = [f"# QCFuse ablations (musique_s held-out samples, n={n})", "",
+    lines = [f"# QCFuse ablations (musique_s held-out samples, up to {n})", "",
              f"Command: `.venv/bin/python scripts/qcfuse_ablation.py --first {args.first} --samples {args.samples}`", "",
-             "| variant | ratio | same answer | top-1 agrees | mean KL | selection ms |", "|---|---|---|---|---|---|"]
+             "Rows may cover different samples (the n column): compare a variant with the defaults on the same "
+             "samples via ablation.jsonl. `--samples 0` rebuilds this table without running anything.", "",
+             "| variant | ratio | n | same answer | top-1 agrees | mean KL | selection ms |",
+             "|---|---|---|---|---|---|---|"]
     mean = lambda xs: sum(xs) / len(xs)
     for variant in VARIANTS:
         for ratio in RATIOS:
             g = groups.get((variant, ratio))
             if g:
-                lines.append(f"| {variant} | {ratio:g} | {mean([r['same_answer'] for r in g]):.0%} | "
+                lines.append(f"| {variant} | {ratio:g} | {len(g)} | {mean([r['same_answer'] for r in g]):.0%} | "
                              f"{mean([r['top1'] for r in g]):.0%} | {mean([r['kl'] for r in g]):.4f} | "
                              f"{1000 * mean([r['selection_s'] for r in g]):.0f} |")
     (out / "ablation.md").write_text("\n".join(lines) + "\n")

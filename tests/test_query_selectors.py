@@ -1,5 +1,6 @@
 """Query-aware selectors (ProphetKV, FuseRAG, QCFuse): needle recall, budgets, and what QCFuse reads."""
 import pytest
+import torch
 
 from needle import QUESTION, needle_documents, needle_positions
 from qcfuse.errors import QcfuseError
@@ -84,6 +85,23 @@ def test_qcfuse_uses_the_profiled_layers(smollm2):
     assert QCFuse().layers_for(smollm2.transformer) == sorted(smollm2.transformer.critical_layers[:3])
     with pytest.raises(QcfuseError):
         QCFuse(critical_layers=[99]).layers_for(smollm2.transformer)
-    for bad in ({"reduction": "median"}, {"anchor_ratio": 0}, {"nonsense": 1}):
+    for bad in ({"reduction": "median"}, {"anchor_ratio": 0}, {"nonsense": 1}, {"smooth": -1}, {"chunk_heads": -2}):
         with pytest.raises(QcfuseError):
             make_selector("qcfuse", 0.1, **bad)
+
+
+def test_qcfuse_span_and_chunk_head_options(smollm2, needle):
+    """smooth=r picks whole spans: every picked token's best-scoring neighbourhood; chunk_heads=h takes each
+    chunk's first h tokens before anything else, inside the same budget."""
+    layout = needle[0]
+    budget = round(0.15 * layout.n_doc_tokens)
+    heads, _ = _select(smollm2, needle, "qcfuse", 0.15, chunk_heads=3)
+    assert heads.numel() == budget
+    for start, _ in layout.chunk_spans():
+        assert {start, start + 1, start + 2} <= set(heads.tolist())
+    plain, _ = _select(smollm2, needle, "qcfuse", 0.15)
+    spans, _ = _select(smollm2, needle, "qcfuse", 0.15, smooth=2)
+    assert spans.numel() == budget and not torch.equal(spans, plain)
+    gaps = (spans[1:] - spans[:-1]).tolist()
+    plain_gaps = (plain[1:] - plain[:-1]).tolist()
+    assert gaps.count(1) > plain_gaps.count(1)          # more contiguous runs than plain top-k

@@ -27,12 +27,18 @@ class QCFuse(Selector):
     name = "qcfuse"
 
     def __init__(self, ratio: float = 0.15, critical_layers: list[int] | None = None, n_critical: int = N_CRITICAL,
-                 reduction: str = "mean", anchor_ratio: float = 0.10):
+                 reduction: str = "mean", anchor_ratio: float = 0.10, smooth: int = 0, chunk_heads: int = 0):
         super().__init__(ratio)
         if reduction not in ("mean", "max"):
             raise QcfuseError("reduction must be 'mean' or 'max'")
         if not 0.0 < anchor_ratio <= 1.0:
             raise QcfuseError("anchor_ratio must be within (0, 1]")
+        if int(smooth) < 0 or int(chunk_heads) < 0:
+            raise QcfuseError("smooth and chunk_heads must be at least 0")
+        # smooth: a token also scores as its best neighbour within this many tokens (same chunk), so the
+        # budget goes to whole spans around what the question attends to; chunk_heads: each chunk's first
+        # tokens (where a chunk prefilled alone is most wrong) are taken first, inside the budget
+        self.smooth, self.chunk_heads = int(smooth), int(chunk_heads)
         self.critical_layers, self.n_critical = critical_layers, int(n_critical)
         self.reduction, self.anchor_ratio = reduction, float(anchor_ratio)
 
@@ -46,6 +52,15 @@ class QCFuse(Selector):
         model, layout, reused = inputs.model, inputs.layout, inputs.reused
         scores = question_scores(model, layout, lambda layer: reused.anchors(layer, self.anchor_ratio),
                                  self.layers_for(model), reused.keys, self.reduction)
+        if self.smooth or self.chunk_heads:
+            scores = scores.clone()
+            doc0 = len(layout.prefix)
+            for start, end in layout.chunk_spans():
+                a, b = start - doc0, end - doc0
+                if self.smooth:
+                    scores[a:b] = torch.nn.functional.max_pool1d(scores[None, None, a:b], 2 * self.smooth + 1,
+                                                                 stride=1, padding=self.smooth)[0, 0]
+                scores[a:a + self.chunk_heads] = float("inf")
         return top_positions(scores, layout.doc_positions(), self.budget(layout))
 
     @classmethod
