@@ -158,7 +158,8 @@ def _plot(path: Path, dataset: str, stats: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    panels = [("rel_score", "quality relative to full prefill"), ("top1", "first-token agreement with full prefill")]
+    panels = [("rel_score", "quality relative to full prefill"),
+              ("kl", "mean KL(full || fused), first token (lower is better)")]
     methods = []
     for m, _ in stats:
         if m not in methods:
@@ -185,7 +186,7 @@ def _plot(path: Path, dataset: str, stats: dict) -> None:
         ax.grid(alpha=0.3)
         if key == "rel_score" and not any(s["rel_score"] is not None for s in stats.values()):
             ax.text(0.5, 0.5, "full prefill scores 0: no relative quality", ha="center", transform=ax.transAxes)
-    axes[1].legend(fontsize=8, loc="lower right")
+    axes[1].legend(fontsize=8, loc="upper right")
     fig.suptitle(f"{dataset}: quality vs TTFT (labels: recompute ratio)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
