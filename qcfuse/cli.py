@@ -484,7 +484,7 @@ def _bench(args) -> int:
     if args.out != "-":
         path = save_record(record, args.out)
         if not args.json:
-            print(f"wrote {path} and {path.with_suffix('.md')}")
+            print(f"wrote {path} with {path.with_suffix('.md').name} and {path.with_suffix('.png').name}")
     if args.json:
         print(json.dumps(record, indent=1))
     return 0

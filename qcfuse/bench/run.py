@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import torch
 
 from ..errors import QcfuseError
+from ..fusion.fuse import synchronize
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 PREFIX_TOKENS = 32          # system prompt
@@ -125,18 +126,9 @@ def _store(cfg: BenchConfig, tmp: str):
 
 
 # -- timing ------------------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.inference_mode()
 def _hf_prefill(hf, ids: torch.Tensor) -> torch.Tensor:
     return hf(input_ids=ids[None], logits_to_keep=1).logits[0, -1].float()
-
-
-def _median(values: list[float]) -> float:
-    return statistics.median(values)
 
 
 def _measure(fn, device, repeats: int, warmup: int):
@@ -145,13 +137,13 @@ def _measure(fn, device, repeats: int, warmup: int):
         fn()
     times, outs = [], []
     for _ in range(repeats):
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         out = fn()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
         outs.append(out)
-    return _median(times), outs
+    return statistics.median(times), outs
 
 
 def _validate(cfg: BenchConfig, window: int) -> None:
@@ -264,9 +256,9 @@ def run_bench(cfg: BenchConfig, log=print, progress: bool = True) -> dict:
                     return s
                 _measure(once, device, cfg.repeats, cfg.warmup)
                 timed = stats[cfg.warmup:]
-                ttft = _median([s["ttft_s"] for s in timed])
-                sel = _median([s["selection_s"] for s in timed])
-                wait = _median([s["io_wait_s"] for s in timed])
+                ttft = statistics.median([s["ttft_s"] for s in timed])
+                sel = statistics.median([s["selection_s"] for s in timed])
+                wait = statistics.median([s["io_wait_s"] for s in timed])
                 res["fused"].append({
                     "method": method, "ratio": ratio, "ttft_ms": 1000 * ttft, "selection_ms": 1000 * sel,
                     "load_wait_ms": 1000 * wait, "compute_ms": 1000 * max(0.0, ttft - sel - wait),

@@ -107,15 +107,14 @@ def create_app(engine: FusionEngine, model_name: str, method: str = "qcfuse", ra
         queued = queue["arriving"] + queue["waiting"]
         if queued >= max_queue:
             retry = max(1, min(60, math.ceil(queue["service_s"] * (queued + 1))))
-            metrics.errors.labels(status="429").inc()
             raise QueueFull(f"the server is busy: {queued} requests are already waiting for the engine "
                             f"(--max_queue {max_queue}); retry in about {retry} s", retry)
         queue["arriving"] += 1
 
     @app.exception_handler(QueueFull)
     async def queue_full(_request, exc: QueueFull):
-        return JSONResponse(error_body(str(exc), "rate_limit_error", code="server_busy"), status_code=429,
-                            headers={"Retry-After": str(exc.retry_after_s)})
+        return error_response(429, error_body(str(exc), "rate_limit_error", code="server_busy"),
+                              {"Retry-After": str(exc.retry_after_s)})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
