@@ -266,7 +266,7 @@ def test_sweep_writes_table_and_plot(tmp_path, capsys):
                 "| epic | 0.5 |"):
         assert row in table, row
     assert "Smallest ratio that stays within 1%" in table and "| cacheblend | " in table and "| epic | " in table
-    assert "| fullcomp | - | 1 | " in table and "| 100.0% | 100.0% | 0.0000 |" in table
+    assert "| fullcomp | - | 1 | " in table and "| 100.0% (21-100) | 100.0% (21-100) | 0.0000 |" in table
     png = (out_dir / "tradeoff.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     stamp = {p.name: p.read_bytes() for p in out_dir.glob("*.jsonl")}
@@ -298,7 +298,36 @@ def test_report_smallest_ratio_within_one_percent(tmp_path):
     assert by["score"] == {"good": 0.1, "bad": 0.1}       # every run scores as full prefill does
     assert "| good | 0.1 (3.33x) | 0.3 (2.00x) | 0.3 (2.00x) |" in table
     assert "| bad | 0.1 (3.33x) | none in grid | none in grid |" in table
-    assert "| good | 0.5 | 100 | 0.500 | 1.000 | 100.0% | 100.0% | 0.0000 | 700 | 1.43x |" in table
+    assert "| good | 0.5 | 100 | 0.500 | 1.000 | 100.0% (96-100) | 100.0% (96-100) | 0.0000 | 700 | 1.43x |" in table
+    assert "| bad | 0.3 | 100 | 0.500 | 1.000 | 50.0% (40-60) |" in table
+    assert "against each selector" not in table                # no qcfuse runs: no head-to-head
+
+
+def test_report_pairs_qcfuse_with_each_selector_by_sample(tmp_path):
+    def rows(method, ratio, kls):
+        (tmp_path / f"{method}_r{ratio:g}.jsonl").write_text("".join(json.dumps({
+            "id": str(i), "method": method, "ratio": ratio, "score": 0.5, "score_full": 0.5, "same_answer": True,
+            "top1": i > 0, "kl": kl, "ttft_s": 0.5, "ttft_full_s": 1.0, "selection_s": 0.0}) + "\n"
+            for i, kl in enumerate(kls)))
+    (tmp_path / "fullcomp.jsonl").write_text("".join(json.dumps({
+        "id": str(i), "method": "fullcomp", "ratio": None, "score": 0.5, "score_full": 0.5, "same_answer": True,
+        "top1": True, "kl": 0.0, "ttft_s": 1.0, "ttft_full_s": 1.0, "selection_s": 0.0}) + "\n" for i in range(10)))
+    ours = [0.01 * (i + 1) for i in range(10)]
+    rows("qcfuse", 0.1, ours)
+    rows("epic", 0.1, [2 * kl for kl in ours[:9]] + [ours[9] - 0.001])          # worse on 9 samples, better on one
+    rows("prophetkv", 0.1, ours)                                            # identical: no difference to test
+    rows("cacheblend", 0.3, ours)                                           # no qcfuse run at this ratio
+    runs = [("fullcomp", None), ("qcfuse", 0.1), ("epic", 0.1), ("prophetkv", 0.1), ("cacheblend", 0.3)]
+    result = write_report(tmp_path, "toy", runs, log=lambda *_: None)
+    pairs = result["head_to_head"]
+    assert set(pairs) == {"epic:0.1", "prophetkv:0.1"}
+    assert pairs["epic:0.1"]["lower"] == 9 and pairs["epic:0.1"]["higher"] == 1 and pairs["epic:0.1"]["n"] == 10
+    assert pairs["epic:0.1"]["p"] < 0.05
+    assert pairs["prophetkv:0.1"] == {"n": 10, "lower": 0, "higher": 0, "p": 1.0}
+    table = (tmp_path / "table.md").read_text()
+    assert "| ratio | vs epic | vs prophetkv | vs cacheblend |" in table
+    assert f"| 0.1 | 9 / 1 of 10 (p {pairs['epic:0.1']['p']:.2g}) | 0 / 0 of 10 (p 1) | - |" in table
+    assert "| qcfuse | 0.1 | 10 | 0.500 | 1.000 | 100.0% (72-100) | 90.0% (60-98) |" in table
 
 
 def test_report_of_an_unfinished_sweep_compares_the_same_samples(tmp_path, capsys):

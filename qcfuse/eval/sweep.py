@@ -14,6 +14,7 @@ from .runner import RATIO_FREE, EvalConfig, load_samples, open_engine, read_rows
 
 FIDELITY_TOP1 = 0.99        # "within 1% of full prefill" on fidelity: agreement in at least 99% of samples
 WITHIN = 0.99               # ... on the task score: at least 99% of full prefill's
+HEAD_TO_HEAD = "qcfuse"     # the project's own method, compared sample by sample with every other selector
 
 
 def parse_list(text: str, what: str, cast=str) -> list:
@@ -89,31 +90,61 @@ def _load(out_dir: Path, runs, ids) -> dict:
         path = out_dir / f"{run_name(m, r)}.jsonl"
         rows = [row for row in read_rows(path) if ids is None or row["id"] in ids] if path.is_file() else []
         if rows:
-            out[(m, r)] = summarize(rows)
+            out[(m, r)] = rows
     return out
+
+
+def rate_interval(rows: list[dict], key: str) -> tuple[float, float] | None:
+    """95% Wilson interval of an agreement rate: at n = 10 a perfect 10/10 still allows 72%, so a reader
+    needs the interval to tell "within 1%" from luck."""
+    from scipy.stats import binomtest
+    values = [bool(row[key]) for row in rows if row.get(key) is not None]
+    if not values:
+        return None
+    ci = binomtest(sum(values), len(values)).proportion_ci(confidence_level=0.95, method="wilson")
+    return ci.low, ci.high
+
+
+def paired_kl(ours: list[dict], theirs: list[dict]) -> dict | None:
+    """Sample-by-sample KL of two runs on the same samples: how often ours is lower or higher, and the
+    two-sided Wilcoxon signed-rank p-value of the differences (mean KL alone hides a few outliers)."""
+    from scipy.stats import wilcoxon
+    theirs_by_id = {row["id"]: row["kl"] for row in theirs if row.get("kl") is not None}
+    diffs = [row["kl"] - theirs_by_id[row["id"]] for row in ours
+             if row.get("kl") is not None and row["id"] in theirs_by_id]
+    if not diffs:
+        return None
+    nonzero = [d for d in diffs if d != 0.0]
+    p = float(wilcoxon(nonzero).pvalue) if nonzero else 1.0
+    return {"n": len(diffs), "lower": sum(d < 0 for d in diffs), "higher": sum(d > 0 for d in diffs), "p": p}
 
 
 def write_report(out_dir: Path, dataset: str, runs, ids=None, log=print) -> dict:
     """Rebuild table.md and tradeoff.png from the results files in `out_dir`."""
     out_dir = Path(out_dir)
-    stats = _load(out_dir, runs, ids)
-    if not stats:
+    rows = _load(out_dir, runs, ids)
+    if not rows:
         raise QcfuseError(f"no results in {out_dir}")
+    stats = {run: summarize(run_rows) for run, run_rows in rows.items()}
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
+
+    def rate(run, key):                 # "90.0% (60-98)": the rate and its 95% interval
+        ci = rate_interval(rows[run], key)
+        return pct(stats[run][key]) + ("" if ci is None else f" ({100 * ci[0]:.0f}-{100 * ci[1]:.0f})")
     num = lambda x, f=".3f": "-" if x is None else format(x, f)
     any_row = next(iter(stats.values()))
     lines = [f"# {dataset}: quality, fidelity and TTFT per method and ratio", "",
              "Score is the dataset's metric against the gold answers (LongBench QA F1, or RULER string-match-all); "
              "*relative* divides it by full prefill's score on the same samples. Fidelity compares with full "
              "prefill of the same prompt: same greedy answer, same first token (top-1), KL(full || fused) of the "
-             "first-token distribution. TTFT is the engine's time from the tokenized prompt to the first token's "
+             "first-token distribution (brackets: 95% Wilson interval of the rate). TTFT is the engine's time from the tokenized prompt to the first token's "
              "logits (chunk cache loading and selection included); speedup = mean full-prefill TTFT / mean TTFT.",
              "", f"n = {any_row['n']} samples per run (see the n column).", "",
              "| method | ratio | n | score | relative | same answer | top-1 | mean KL | TTFT ms | speedup |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for (m, r), s in stats.items():
         lines.append(f"| {m} | {'-' if r is None else f'{r:g}'} | {s['n']} | {num(s['score'])} | {num(s['rel_score'])} "
-                     f"| {pct(s['same_answer'])} | {pct(s['top1'])} | {num(s['kl'], '.4f')} "
+                     f"| {rate((m, r), 'same_answer')} | {rate((m, r), 'top1')} | {num(s['kl'], '.4f')} "
                      f"| {num(1000 * s['ttft_s'], '.0f')} | {num(s['speedup'], '.2f')}x |")
     # "within 1% of full prefill", by three criteria: they disagree (a first token that is a formatting
     # token agrees almost always; whole greedy answers rarely do on a small model), so all three are shown
@@ -144,12 +175,38 @@ def write_report(out_dir: Path, dataset: str, runs, ids=None, log=print) -> dict
             smallest[key][m] = r
             cells.append(f"{r:g} ({s['speedup']:.2f}x)" if ok else "none in grid")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    head_to_head = _head_to_head(rows, HEAD_TO_HEAD)
+    lines += head_to_head["lines"]
     (out_dir / "table.md").write_text("\n".join(lines) + "\n")
     _plot(out_dir / "tradeoff.png", dataset, stats)
     log("\n".join(lines))
     log(f"wrote {out_dir / 'table.md'} and {out_dir / 'tradeoff.png'}")
     return {"stats": {f"{m}:{r}": s for (m, r), s in stats.items()}, "smallest_ratio": smallest["top1"],
-            "smallest_ratio_by": smallest}
+            "smallest_ratio_by": smallest, "head_to_head": head_to_head["pairs"]}
+
+
+def _head_to_head(rows: dict, ours: str) -> dict:
+    """The project's method against every other selector at the same ratio, paired by sample."""
+    others = []
+    for m, r in rows:
+        if m not in others and m != ours and m != "fullcomp" and m not in RATIO_FREE:
+            others.append(m)
+    ratios = sorted(r for m, r in rows if m == ours)
+    pairs = {f"{other}:{r:g}": paired_kl(rows[(ours, r)], rows[(other, r)])
+             for r in ratios for other in others if (other, r) in rows}
+    if not ratios or not others:
+        return {"lines": [], "pairs": pairs}
+    lines = ["", f"{ours} against each selector at the same ratio, sample by sample: in how many samples its "
+             f"first-token KL is lower / higher, and the two-sided Wilcoxon signed-rank p-value of the "
+             f"differences (small p: the difference is unlikely to be chance).", "",
+             "| ratio | " + " | ".join(f"vs {o}" for o in others) + " |", "|---|" + "---|" * len(others)]
+    for r in ratios:
+        cells = []
+        for other in others:
+            pair = pairs.get(f"{other}:{r:g}")
+            cells.append("-" if pair is None else f"{pair['lower']} / {pair['higher']} of {pair['n']} (p {pair['p']:.2g})")
+        lines.append(f"| {r:g} | " + " | ".join(cells) + " |")
+    return {"lines": lines, "pairs": pairs}
 
 
 def _plot(path: Path, dataset: str, stats: dict) -> None:
