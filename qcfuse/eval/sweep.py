@@ -119,6 +119,11 @@ def paired_kl(ours: list[dict], theirs: list[dict]) -> dict | None:
     return {"n": len(diffs), "lower": sum(d < 0 for d in diffs), "higher": sum(d > 0 for d in diffs), "p": p}
 
 
+def _methods(runs) -> list[str]:
+    """Method names of (method, ratio) keys, in first-seen order."""
+    return list(dict.fromkeys(m for m, _ in runs))
+
+
 def write_report(out_dir: Path, dataset: str, runs, ids=None, log=print) -> dict:
     """Rebuild table.md and tradeoff.png from the results files in `out_dir`."""
     out_dir = Path(out_dir)
@@ -127,18 +132,20 @@ def write_report(out_dir: Path, dataset: str, runs, ids=None, log=print) -> dict
         raise QcfuseError(f"no results in {out_dir}")
     stats = {run: summarize(run_rows) for run, run_rows in rows.items()}
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
+    num = lambda x, f=".3f": "-" if x is None else format(x, f)
 
     def rate(run, key):                 # "90.0% (60-98)": the rate and its 95% interval
         ci = rate_interval(rows[run], key)
         return pct(stats[run][key]) + ("" if ci is None else f" ({100 * ci[0]:.0f}-{100 * ci[1]:.0f})")
-    num = lambda x, f=".3f": "-" if x is None else format(x, f)
+
     any_row = next(iter(stats.values()))
     lines = [f"# {dataset}: quality, fidelity and TTFT per method and ratio", "",
              "Score is the dataset's metric against the gold answers (LongBench QA F1, or RULER string-match-all); "
              "*relative* divides it by full prefill's score on the same samples. Fidelity compares with full "
              "prefill of the same prompt: same greedy answer, same first token (top-1), KL(full || fused) of the "
-             "first-token distribution (brackets: 95% Wilson interval of the rate). TTFT is the engine's time from the tokenized prompt to the first token's "
-             "logits (chunk cache loading and selection included); speedup = mean full-prefill TTFT / mean TTFT.",
+             "first-token distribution (brackets: 95% Wilson interval of the rate). TTFT is the engine's time "
+             "from the tokenized prompt to the first token's logits (chunk cache loading and selection included); "
+             "speedup = mean full-prefill TTFT / mean TTFT.",
              "", f"n = {any_row['n']} samples per run (see the n column).", "",
              "| method | ratio | n | score | relative | same answer | top-1 | mean KL | TTFT ms | speedup |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -154,10 +161,7 @@ def write_report(out_dir: Path, dataset: str, runs, ids=None, log=print) -> dict
     lines += ["", "Smallest ratio that stays within 1% of full prefill, per criterion (TTFT speedup there):", "",
               "| method | " + " | ".join(label for _, label, _, _ in criteria) + " |",
               "|---|" + "---|" * len(criteria)]
-    methods = []
-    for m, _ in stats:
-        if m not in methods and m != "fullcomp":
-            methods.append(m)
+    methods = [m for m in _methods(stats) if m != "fullcomp"]
     smallest: dict[str, dict[str, float | None]] = {key: {} for key, _, _, _ in criteria}
     for m in methods:
         cells = []
@@ -187,10 +191,7 @@ def write_report(out_dir: Path, dataset: str, runs, ids=None, log=print) -> dict
 
 def _head_to_head(rows: dict, ours: str) -> dict:
     """The project's method against every other selector at the same ratio, paired by sample."""
-    others = []
-    for m, r in rows:
-        if m not in others and m != ours and m != "fullcomp" and m not in RATIO_FREE:
-            others.append(m)
+    others = [m for m in _methods(rows) if m not in (ours, "fullcomp") and m not in RATIO_FREE]
     ratios = sorted(r for m, r in rows if m == ours)
     pairs = {f"{other}:{r:g}": paired_kl(rows[(ours, r)], rows[(other, r)])
              for r in ratios for other in others if (other, r) in rows}
@@ -204,7 +205,8 @@ def _head_to_head(rows: dict, ours: str) -> dict:
         cells = []
         for other in others:
             pair = pairs.get(f"{other}:{r:g}")
-            cells.append("-" if pair is None else f"{pair['lower']} / {pair['higher']} of {pair['n']} (p {pair['p']:.2g})")
+            cells.append("-" if pair is None
+                         else f"{pair['lower']} / {pair['higher']} of {pair['n']} (p {pair['p']:.2g})")
         lines.append(f"| {r:g} | " + " | ".join(cells) + " |")
     return {"lines": lines, "pairs": pairs}
 
@@ -217,10 +219,7 @@ def _plot(path: Path, dataset: str, stats: dict) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     panels = [("rel_score", "quality relative to full prefill"),
               ("kl", "mean KL(full || fused), first token (lower is better)")]
-    methods = []
-    for m, _ in stats:
-        if m not in methods:
-            methods.append(m)
+    methods = _methods(stats)
     colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(m for m in methods if m != "fullcomp")}
     for ax, (key, label) in zip(axes, panels):
         for m in methods:
