@@ -330,6 +330,29 @@ def test_report_pairs_qcfuse_with_each_selector_by_sample(tmp_path):
     assert "| qcfuse | 0.1 | 10 | 0.500 | 1.000 | 100.0% (72-100) | 90.0% (60-98) |" in table
 
 
+def test_report_compares_qcfuse_with_each_selector_at_equal_ttft(tmp_path):
+    def run(method, ratio, ttft, kl):
+        name = "fullcomp.jsonl" if ratio is None else f"{method}_r{ratio:g}.jsonl"
+        (tmp_path / name).write_text("".join(json.dumps({
+            "id": str(i), "method": method, "ratio": ratio, "score": 0.5, "score_full": 0.5, "same_answer": True,
+            "top1": True, "kl": kl, "ttft_s": ttft, "ttft_full_s": 10.0, "selection_s": 0.0}) + "\n" for i in range(4)))
+    run("fullcomp", None, 10.0, 0.0)
+    run("qcfuse", 0.1, 2.0, 0.05)          # faster than every prophetkv point: nothing to compare with
+    run("qcfuse", 0.3, 4.0, 0.03)          # a quarter of the way from prophetkv's 3 s point to its 7 s point
+    run("prophetkv", 0.1, 3.0, 0.04)
+    run("prophetkv", 0.3, 7.0, 0.02)
+    run("epic", 0.1, 1.0, 0.10)            # one grid point: no curve to read, no column
+    runs = [("fullcomp", None), ("qcfuse", 0.1), ("qcfuse", 0.3), ("prophetkv", 0.1), ("prophetkv", 0.3),
+            ("epic", 0.1)]
+    result = write_report(tmp_path, "toy", runs, log=lambda *_: None)
+    assert set(result["equal_ttft"]) == {"prophetkv:0.1", "prophetkv:0.3"}
+    assert result["equal_ttft"]["prophetkv:0.1"] is None
+    assert result["equal_ttft"]["prophetkv:0.3"] == pytest.approx(0.035)
+    table = (tmp_path / "table.md").read_text()
+    assert "| ratio | qcfuse TTFT ms | qcfuse mean KL | prophetkv there |" in table
+    assert "| 0.1 | 2000 | 0.0500 | outside |" in table and "| 0.3 | 4000 | 0.0300 | 0.0350 |" in table
+
+
 def test_report_of_an_unfinished_sweep_compares_the_same_samples(tmp_path, capsys):
     def rows(name, method, ratio, n, top1=True, first=0):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({

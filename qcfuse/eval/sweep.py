@@ -180,13 +180,14 @@ def write_report(out_dir: Path, dataset: str, runs, ids=None, log=print) -> dict
             cells.append(f"{r:g} ({s['speedup']:.2f}x)" if ok else "none in grid")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     head_to_head = _head_to_head(rows, HEAD_TO_HEAD)
-    lines += head_to_head["lines"]
+    equal_ttft = _equal_ttft(stats, HEAD_TO_HEAD)
+    lines += head_to_head["lines"] + equal_ttft["lines"]
     (out_dir / "table.md").write_text("\n".join(lines) + "\n")
     _plot(out_dir / "tradeoff.png", dataset, stats)
     log("\n".join(lines))
     log(f"wrote {out_dir / 'table.md'} and {out_dir / 'tradeoff.png'}")
     return {"stats": {f"{m}:{r}": s for (m, r), s in stats.items()}, "smallest_ratio": smallest["top1"],
-            "smallest_ratio_by": smallest, "head_to_head": head_to_head["pairs"]}
+            "smallest_ratio_by": smallest, "head_to_head": head_to_head["pairs"], "equal_ttft": equal_ttft["kl"]}
 
 
 def _head_to_head(rows: dict, ours: str) -> dict:
@@ -209,6 +210,38 @@ def _head_to_head(rows: dict, ours: str) -> dict:
                          else f"{pair['lower']} / {pair['higher']} of {pair['n']} (p {pair['p']:.2g})")
         lines.append(f"| {r:g} | " + " | ".join(cells) + " |")
     return {"lines": lines, "pairs": pairs}
+
+
+def _equal_ttft(stats: dict, ours: str) -> dict:
+    """Each other selector's mean KL at the project's method's mean TTFT, linear between its grid points:
+    a faster method buys its speed back as a larger ratio, so equal ratio alone is not the fair comparison.
+    Outside a selector's TTFT range nothing is claimed (None)."""
+    import numpy as np
+    measured = {run: s for run, s in stats.items() if s["ttft_s"] is not None and s["kl"] is not None}
+    ratios = sorted(r for m, r in measured if m == ours)
+    curves = {}                                            # selector -> [(TTFT, KL)] in TTFT order
+    for other in _methods(measured):
+        if other not in (ours, "fullcomp") and other not in RATIO_FREE:
+            points = sorted((s["ttft_s"], s["kl"]) for (m, _), s in measured.items() if m == other)
+            if len(points) >= 2:
+                curves[other] = points
+    kl = {}
+    for r in ratios:
+        t = measured[(ours, r)]["ttft_s"]
+        for other, points in curves.items():
+            inside = points[0][0] <= t <= points[-1][0]
+            kl[f"{other}:{r:g}"] = float(np.interp(t, *zip(*points))) if inside else None
+    if not ratios or not curves:
+        return {"lines": [], "kl": kl}
+    lines = ["", f"At equal TTFT: each selector's mean KL at {ours}'s mean TTFT, linear between its two grid "
+             f"points around it (\"outside\": {ours}'s TTFT lies outside that selector's grid).", "",
+             f"| ratio | {ours} TTFT ms | {ours} mean KL | " + " | ".join(f"{o} there" for o in curves) + " |",
+             "|---|---|---|" + "---|" * len(curves)]
+    for r in ratios:
+        s = measured[(ours, r)]
+        cells = ["outside" if kl[f"{o}:{r:g}"] is None else f"{kl[f'{o}:{r:g}']:.4f}" for o in curves]
+        lines.append(f"| {r:g} | {1000 * s['ttft_s']:.0f} | {s['kl']:.4f} | " + " | ".join(cells) + " |")
+    return {"lines": lines, "kl": kl}
 
 
 def _plot(path: Path, dataset: str, stats: dict) -> None:
