@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .engine import FusionEngine
@@ -102,3 +104,79 @@ def run_checks(model: LoadedModel) -> list[dict]:
            dist[1.0] <= tol and dist[0.5] < dist[0.0] and dist[0.25] < dist[0.0],
            "cacheblend max |dlogit| at ratio " + ", ".join(f"{r}: {d:.3g}" for r, d in dist.items()))
     return results
+
+
+# -- precision: is qcfuse's rounding error transformers' own? ------------------------------------------------
+LOW_PRECISION_FACTOR = 1.5     # qcfuse's low-precision error may be at most this times transformers' own
+FP32_TOLERANCE = 1e-4          # max |logit diff| accepted in float32, where both should agree to rounding
+
+
+@contextlib.contextmanager
+def upcast_parameters(hf_model):
+    """The model's parameters in float32 for the duration (buffers such as RoPE frequencies untouched); the
+    low-precision -> float32 -> low-precision round trip restores every weight bit for bit."""
+    dtypes = {}
+    for p in hf_model.parameters():
+        dtypes[p] = p.dtype
+        p.data = p.data.float()
+    try:
+        yield hf_model
+    finally:
+        for p, dtype in dtypes.items():
+            p.data = p.data.to(dtype)
+
+
+def _errors(logits: torch.Tensor, ref: torch.Tensor) -> dict:
+    logits, ref = logits.float().cpu(), ref.float().cpu()
+    return {"rel_err": float((logits - ref).norm() / ref.norm().clamp_min(1e-30)),
+            "max_abs": float((logits - ref).abs().max()), "top1": int(logits.argmax())}
+
+
+@torch.inference_mode()
+def precision_check(engine: FusionEngine, layout: PromptLayout) -> dict:
+    """First-token logits of qcfuse full prefill and of fusion with every token recomputed, judged against a
+    float32 forward of the same weights beside transformers' own forward in the model's dtype.
+
+    In bfloat16/float16 both carry rounding error, so qcfuse passes when its relative error is within
+    LOW_PRECISION_FACTOR of transformers' own and its top-1 token is the reference's (waived where transformers'
+    own top-1 misses it too: a near tie). In float32 the reference is transformers' forward and the max
+    |logit diff| must be under FP32_TOLERANCE.
+    """
+    model = engine.model
+    dtype = model.transformer.dtype
+    ids = layout.ids[None].to(model.transformer.device)
+    hf = model.hf(input_ids=ids, logits_to_keep=1).logits[0, -1]
+    if dtype == torch.float32:
+        ref = hf
+    else:
+        with upcast_parameters(model.hf):
+            ref = model.hf(input_ids=ids, logits_to_keep=1).logits[0, -1]
+    ours = {"full": engine.prefill(layout, make_selector("fullcomp"), 1)[0].logits,
+            "fused": engine.prefill(layout, make_selector("qcfuse", 1.0), 1)[0].logits}
+    out = {"dtype": str(dtype).replace("torch.", ""), "tokens": layout.n_tokens,
+           "reference": "transformers forward" if dtype == torch.float32 else "float32 forward of the same weights",
+           "transformers": _errors(hf, ref), "ref_top1": int(ref.float().argmax())}
+    for name, logits in ours.items():
+        e = _errors(logits, ref)
+        if dtype == torch.float32:
+            e["passed"] = e["max_abs"] <= FP32_TOLERANCE
+        else:
+            top1_ok = e["top1"] == out["ref_top1"] or out["transformers"]["top1"] != out["ref_top1"]
+            e["passed"] = top1_ok and e["rel_err"] <= LOW_PRECISION_FACTOR * out["transformers"]["rel_err"]
+        out[name] = e
+    out["passed"] = all(out[name]["passed"] for name in ours)
+    return out
+
+
+def format_precision(check: dict) -> str:
+    t = check["transformers"]
+    head = (f"check at {check['tokens']} tokens ({check['dtype']}, against the {check['reference']}): ")
+    if check["dtype"] == "float32":
+        return head + (f"max |logit diff| qcfuse full {check['full']['max_abs']:.2e}, fused with every token "
+                       f"recomputed {check['fused']['max_abs']:.2e} (tol {FP32_TOLERANCE:.0e}): "
+                       f"{'PASS' if check['passed'] else 'FAIL'}")
+    return head + (f"relative error transformers {t['rel_err']:.2e}, qcfuse full {check['full']['rel_err']:.2e}, "
+                   f"fused with every token recomputed {check['fused']['rel_err']:.2e} (must be <= "
+                   f"{LOW_PRECISION_FACTOR}x transformers'); top-1 ref {check['ref_top1']}, transformers {t['top1']}, "
+                   f"full {check['full']['top1']}, fused {check['fused']['top1']}: "
+                   f"{'PASS' if check['passed'] else 'FAIL'}")

@@ -449,7 +449,12 @@ def _add_bench_command(sub) -> None:
                                                "1 on cpu)")
     b.add_argument("--warmup", type=int, help="untimed runs before each measurement (default: 1 on cuda, 0 on cpu)")
     b.add_argument("--threads", type=int, help="torch intra-op threads on the CPU (default: torch's)")
-    b.add_argument("--no_check", action="store_true", help="skip the exactness check against transformers")
+    b.add_argument("--attention", choices=["flex", "blocked"], help="attention kernel for scattered rows (default: "
+                                                                   "flex on cuda, blocked on cpu)")
+    b.add_argument("--profile", metavar="METHOD@RATIO", help="also profile one such request at every length "
+                                                             "(torch.profiler table in the record's .md)")
+    b.add_argument("--no_check", action="store_true", help="skip the precision check (float32 reference beside "
+                                                           "transformers' own forward)")
     b.add_argument("--json", action="store_true", help="print the record as JSON instead of tables")
     b.add_argument("--out", default="results/bench", help="directory for the record (.json and .md); "
                                                           "'-' writes none (default: results/bench)")
@@ -478,7 +483,8 @@ def _bench(args) -> int:
         kv_source=args.kv_source, chunk_tokens=args.chunk_tokens,
         repeats=args.repeats if args.repeats is not None else (3 if gpu else 1),
         warmup=args.warmup if args.warmup is not None else (1 if gpu else 0),
-        cache_dir=args.cache_dir, check=not args.no_check)
+        cache_dir=args.cache_dir, check=not args.no_check, attention=args.attention,
+        profile=args.profile)
     record = run_bench(cfg, log=(lambda *_: None) if args.json else print, progress=not args.json)
     record["command"] = "qcfuse " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None
     if args.out != "-":

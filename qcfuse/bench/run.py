@@ -7,8 +7,9 @@ benchmarks a real model instead. Prompts are random token ids laid out like a RA
 prefix, chunks of `chunk_tokens`, and a question suffix. Chunk caches are prepared before timing (offline
 work); every fused TTFT counts selection, waiting for layers and compute.
 
-The run also checks itself: qcfuse full prefill and recompute-everything fusion must give transformers' own
-logits (the max absolute difference is printed and recorded).
+The run also checks itself, at its shortest length: qcfuse full prefill and recompute-everything fusion are
+judged against a float32 forward of the same weights beside transformers' own forward (qcfuse.check.
+precision_check). On CUDA it counts the host syncs of one fused request and of one full prefill.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch
 
 from ..errors import QcfuseError
 from ..fusion.fuse import synchronize
+from ..model.attention import KERNELS, default_kernel
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 PREFIX_TOKENS = 32          # system prompt
@@ -50,6 +52,8 @@ class BenchConfig:
     seed: int = 0
     cache_dir: str | None = None         # disk source: where the chunk caches go (default: a temporary dir)
     check: bool = True
+    attention: str | None = None         # kernel for scattered rows (flex, blocked); None: the device's default
+    profile: str | None = None           # "METHOD@RATIO": profile one such request at every length
 
 
 # -- configs and models ------------------------------------------------------------------------------------
@@ -154,6 +158,10 @@ def _validate(cfg: BenchConfig, window: int) -> None:
         raise QcfuseError("--kv-source gpu needs --device cuda (on the CPU, 'host' is memory)")
     if cfg.repeats < 1 or cfg.warmup < 0:
         raise QcfuseError("--repeats must be at least 1 and --warmup at least 0")
+    if cfg.profile is not None:
+        _parse_profile(cfg.profile)
+    if cfg.attention is not None and cfg.attention not in KERNELS:
+        raise QcfuseError(f"--attention must be one of {', '.join(KERNELS)}")
     if cfg.chunk_tokens < 1:
         raise QcfuseError("--chunk_tokens must be at least 1")
     least = PREFIX_TOKENS + SUFFIX_TOKENS + 1
@@ -188,6 +196,7 @@ def run_bench(cfg: BenchConfig, log=print, progress: bool = True) -> dict:
     """Measure every context length; returns the record (also what --json prints)."""
     from tqdm import tqdm
 
+    from ..check import precision_check
     from ..engine import FusionEngine
     from ..fusion import make_selector
 
@@ -209,41 +218,36 @@ def run_bench(cfg: BenchConfig, log=print, progress: bool = True) -> dict:
     _validate(cfg, model.max_positions)
     vocab = loaded.hf.config.vocab_size
 
+    if cfg.attention:
+        model.scattered_kernel = cfg.attention
     record = {"device": device_name(device), "device_type": device.type, "config": name, "weights": weights,
               "dtype": cfg.dtype, "kv_source": cfg.kv_source, "chunk_tokens": cfg.chunk_tokens,
               "repeats": cfg.repeats, "warmup": cfg.warmup,
+              "attention": cfg.attention or default_kernel(device),
               "versions": {"torch": torch.__version__, "transformers": _version("transformers"),
                            "python": platform.python_version(), "qcfuse": _version("qcfuse")},
               "command": None,     # the CLI fills it in
               "time": datetime.datetime.now().isoformat(timespec="seconds"), "results": []}
 
-    # one-time kernel set-up stays out of every measurement
-    warm = torch.randint(3, vocab, (64,), device=device)
-    _hf_prefill(loaded.hf, warm)
-    model.prefill(warm)
-
     with tempfile.TemporaryDirectory(prefix="qcfuse-bench-") as tmp:
+        _warm_up(loaded, _store(cfg, tmp), vocab, min(cfg.tokens))
         for n_tokens in cfg.tokens:
             layout = random_layout(n_tokens, vocab, cfg.chunk_tokens, cfg.seed + n_tokens)
             engine = FusionEngine(loaded, store=_store(cfg, tmp))
             ids = layout.ids.to(device)
             res = {"tokens": n_tokens, "chunks": len(layout.chunks), "fused": []}
 
-            t_hf, outs = _measure(lambda: _hf_prefill(loaded.hf, ids), device, cfg.repeats, cfg.warmup)
-            ref = outs[-1]
+            t_hf, _ = _measure(lambda: _hf_prefill(loaded.hf, ids), device, cfg.repeats, cfg.warmup)
             res["transformers_ms"] = 1000 * t_hf
             full = make_selector("fullcomp")
-            t_full, outs = _measure(lambda: engine.prefill(layout, full, 1), device, cfg.repeats, cfg.warmup)
+            t_full, _ = _measure(lambda: engine.prefill(layout, full, 1), device, cfg.repeats, cfg.warmup)
             res["qcfuse_full_ms"] = 1000 * t_full
-            if cfg.check:
-                res["check_full_max_abs_diff"] = float((outs[-1][0].logits.float() - ref).abs().max())
 
             t0 = time.perf_counter()
             engine.prepare_layout(layout, progress=progress)
             res["prepare_s"] = time.perf_counter() - t0
-            if cfg.check:       # fusion that recomputes every document token must be full prefill again
-                out, _ = engine.prefill(layout, make_selector("qcfuse", 1.0), 1)
-                res["check_fused_max_abs_diff"] = float((out.logits.float() - ref).abs().max())
+            if cfg.check and n_tokens == min(cfg.tokens):
+                res["check"] = precision_check(engine, layout)
 
             runs = [(m, r) for m in cfg.methods for r in ([None] if m == "reuse" else cfg.ratios)]
             bar = tqdm(runs, desc=f"{n_tokens} tokens", unit="run", disable=not progress, leave=False)
@@ -265,10 +269,93 @@ def run_bench(cfg: BenchConfig, log=print, progress: bool = True) -> dict:
                     "recomputed_tokens": timed[-1]["recomputed_tokens"], "bytes_loaded": timed[-1]["bytes_loaded"],
                     "speedup_vs_transformers": t_hf / ttft, "speedup_vs_qcfuse_full": t_full / ttft,
                 })
+            if device.type == "cuda":
+                res["syncs"] = {"qcfuse full prefill": count_syncs(lambda: engine.prefill(layout, full, 1))}
+                for method in ("epic", "qcfuse"):         # one fused request each, at the ratio nearest 0.15
+                    ratios = [r for m, r in runs if m == method]
+                    if ratios:
+                        ratio = min(ratios, key=lambda r: abs(r - 0.15))
+                        res["syncs"][f"{method} {ratio:g}"] = count_syncs(
+                            lambda: engine.prefill(layout, make_selector(method, ratio), 1))
+            if cfg.profile:
+                method, ratio = _parse_profile(cfg.profile)
+                res["profile"] = profile_request(engine, layout, make_selector(method, ratio), device)
+            res["attention_kernels"] = _kernels_used(model, layout)
             record["results"].append(res)
             log(format_result(res, record))
             engine.store.clear()
     return record
+
+
+def _warm_up(loaded, store, vocab: int, n_tokens: int) -> None:
+    """One-time kernel set-up (cuBLAS handles, FlexAttention's compile for scattered rows) stays out of every
+    measurement: a short full prefill, and fused requests of two different row counts."""
+    from ..engine import FusionEngine
+    from ..fusion import make_selector
+    device = loaded.transformer.device
+    _hf_prefill(loaded.hf, torch.randint(3, vocab, (64,), device=device))
+    engine = FusionEngine(loaded, store=store)
+    layout = random_layout(min(n_tokens, 1000), vocab, 256, seed=12345)
+    for selector in (make_selector("fullcomp"), make_selector("epic", 0.3), make_selector("qcfuse", 0.15)):
+        engine.prefill(layout, selector, 1)
+    synchronize(device)
+    store.clear()
+
+
+def _parse_profile(spec: str) -> tuple[str, float]:
+    from ..fusion import make_selector
+    method, _, ratio = spec.partition("@")
+    try:
+        ratio_f = float(ratio) if ratio else 0.15
+    except ValueError:
+        raise QcfuseError(f"--profile expects METHOD@RATIO (e.g. qcfuse@0.15), got '{spec}'") from None
+    make_selector(method, ratio_f)                       # unknown method or bad ratio: a clear error
+    return method, ratio_f
+
+
+def profile_request(engine, layout, selector, device: torch.device, rows: int = 25) -> dict:
+    """One request under torch.profiler: the operators that take the most device (or CPU) time."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    engine.prefill(layout, selector, 1)                    # warm
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        engine.prefill(layout, selector, 1)
+        synchronize(device)
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return {"request": f"{selector.name} {selector.ratio:g}",
+            "table": prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)}
+
+
+def _kernels_used(model, layout) -> dict:
+    """Which kernel the seam picks for full prefill and for scattered rows, per attention window."""
+    windows = {layer.window for layer in model.spec.layers}
+    full = model.plan(range(layout.n_tokens), layout.n_tokens)
+    some = model.plan(torch.cat([layout.doc_positions()[::7], layout.suffix_positions()]), layout.n_tokens)
+    return {"full prefill": {str(w): _kernel_name(full.kernel_for(w)) for w in windows},
+            "scattered rows": {str(w): _kernel_name(some.kernel_for(w)) for w in windows}}
+
+
+def _kernel_name(kernel) -> str:
+    return type(kernel).__name__.strip("_").lower()
+
+
+def count_syncs(fn) -> dict:
+    """Run fn once with CUDA's sync debug mode on: how many operations made the host wait for the GPU, and
+    where (file:line of the Python frame that asked). The fuse loop itself should ask for none."""
+    import warnings
+    from collections import Counter
+    synchronize(torch.device("cuda"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught
+                    if "synchroniz" in str(w.message).lower())
+    return {"count": sum(sites.values()), "sites": dict(sites.most_common())}
 
 
 def _version(package: str) -> str | None:
@@ -280,15 +367,21 @@ def _version(package: str) -> str | None:
 
 
 def format_result(res: dict, record: dict) -> str:
+    from ..check import format_precision
     lines = [f"{res['tokens']} tokens ({res['chunks']} chunks of {record['chunk_tokens']}, prefix {PREFIX_TOKENS}, "
              f"suffix {SUFFIX_TOKENS}) on {record['device']}, {record['dtype']}, {record['weights']} weights of "
              f"{record['config']}, KV from {record['kv_source']}",
              f"  transformers full prefill (SDPA)  {res['transformers_ms']:9.1f} ms",
              f"  qcfuse full prefill               {res['qcfuse_full_ms']:9.1f} ms   "
              f"({res['transformers_ms'] / res['qcfuse_full_ms']:.2f}x)"]
-    if "check_full_max_abs_diff" in res:
-        lines.append(f"  check: max |logit diff| vs transformers: qcfuse full {res['check_full_max_abs_diff']:.2e}, "
-                     f"fused with every token recomputed {res['check_fused_max_abs_diff']:.2e}")
+    if "check" in res:
+        lines.append("  " + format_precision(res["check"]))
+    if "syncs" in res:
+        lines.append("  host syncs per request: " + ", ".join(f"{k} {v['count']}" for k, v in res["syncs"].items()))
+    if "attention_kernels" in res:
+        kinds = res["attention_kernels"]
+        lines.append(f"  attention kernels (per window): full prefill {kinds['full prefill']}, "
+                     f"scattered rows {kinds['scattered rows']}")
     lines.append(f"  {'method':<11}{'ratio':>6}{'TTFT ms':>10}{'select':>9}{'wait':>8}{'compute':>9}"
                  f"{'sel %':>7}{'vs HF':>8}{'vs full':>9}")
     for f in res["fused"]:
@@ -315,6 +408,14 @@ def save_record(record: dict, out_dir: str | Path) -> Path:
     if record.get("command"):
         md += ["```", record["command"], "```", ""]
     md += ["```", *(format_result(r, record) for r in record["results"]), "```", ""]
+    for r in record["results"]:
+        if "profile" in r:
+            md += [f"## Profile: {r['profile']['request']} at {r['tokens']} tokens", "", "```", r["profile"]["table"],
+                   "```", ""]
+        if "syncs" in r:
+            md += [f"## Host syncs at {r['tokens']} tokens (CUDA sync debug mode, one request each)", ""]
+            md += [f"- {name}: {v['count']} ({', '.join(f'{site} x{n}' for site, n in v['sites'].items()) or 'none'})"
+                   for name, v in r["syncs"].items()] + [""]
     path.with_suffix(".md").write_text("\n".join(md))
     plot_record(record, path.with_suffix(".png"))
     return path

@@ -38,10 +38,17 @@ class ChunkKV:
 class KVBuffer:
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int, dtype, device):
         shape = (n_layers, n_kv_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)   # after RoPE
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # uninitialized: every row is written (reused or recomputed) before any attention reads it
+        self.k = torch.empty(shape, dtype=dtype, device=device)   # after RoPE
+        self.v = torch.empty(shape, dtype=dtype, device=device)
         self.capacity = capacity
 
-    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              span: tuple[int, int] | None = None) -> None:
+        """k, v [Hkv, n, D] into the rows at `positions`; `span` (start, stop) when those are contiguous."""
+        if span is not None:
+            self.k[layer, :, span[0]:span[1]].copy_(k)
+            self.v[layer, :, span[0]:span[1]].copy_(v)
+            return
         self.k[layer].index_copy_(1, positions, k)
         self.v[layer].index_copy_(1, positions, v)

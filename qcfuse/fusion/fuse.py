@@ -47,30 +47,27 @@ def fuse(model: Transformer, layout: PromptLayout, reused: ReusedKV | None, sele
         doc_rows, selection_s = docs, 0.0
         always = torch.cat([torch.arange(len(layout.prefix)), layout.suffix_positions()])
 
-    rows = torch.cat([doc_rows, always]).sort().values.to(model.device)
-    h = model.embed(ids[rows])                                             # [n_rows, E]
-    masks: dict[int | None, torch.Tensor] = {}
+    rows = torch.cat([doc_rows, always]).sort().values                     # on the host: plans need no sync
+    attention = model.plan(rows, n)
+    h = model.embed(ids[attention.rows])                                   # [n_rows, E]
     for layer in range(model.n_layers):
         if selector.uses_cache:
             k_old, v_old = reused.layer(layer)                             # [Hkv, ctx, D] pre-RoPE
             model.place_reused(buffer, layer, k_old, v_old)
-        window = model.spec.layers[layer].window
-        if window not in masks:
-            masks[window] = model.attention_bias(layer, rows, torch.arange(n, device=model.device))
-        h, k_new, v_new = model.layer_step(layer, h, rows, buffer, n, masks[window])
+        h, k_new, v_new = model.layer_step(layer, h, attention, buffer)
 
         if selector.uses_cache and layer in selector.refine_layers:
             synchronize(model.device)                                      # time the refinement alone
             t0 = time.perf_counter()
             n_doc = int((rows < ctx).sum())
-            doc_idx = rows[:n_doc]
-            view = LayerView(layer, rows, n_doc, k_new, v_new, k_old[:, doc_idx], v_old[:, doc_idx], h)
+            doc_idx = attention.rows[:n_doc]
+            view = LayerView(layer, attention.rows, n_doc, k_new, v_new, k_old[:, doc_idx], v_old[:, doc_idx], h)
             keep = _checked(selector.refine(view), layout)
-            if not bool(torch.isin(keep.to(doc_idx.device), doc_idx).all()):
+            if not bool(torch.isin(keep, rows[:n_doc]).all()):
                 raise RuntimeError(f"{selector.name}.refine may only narrow the active rows")
-            keep_mask = torch.isin(rows, keep.to(rows.device)) | (rows >= ctx)
-            rows, h = rows[keep_mask], h[keep_mask]
-            masks.clear()
+            keep_mask = torch.isin(rows, keep) | (rows >= ctx)
+            rows, h = rows[keep_mask], h[keep_mask.to(h.device)]
+            attention = model.plan(rows, n)
             synchronize(model.device)
             selection_s += time.perf_counter() - t0
 
@@ -100,10 +97,10 @@ def decode_step(model: Transformer, buffer: KVBuffer, token: int, position: int)
     """Feed one token at `position` (its K/V land in the buffer there); the next token's logits [vocab]."""
     if position + 1 > buffer.capacity:
         raise QcfuseError("decoding ran past the allocated cache")
-    pos = torch.tensor([position], device=model.device)
+    attention = model.plan(range(position, position + 1), position + 1)
     h = model.embed(torch.tensor([token], device=model.device))
     for layer in range(model.n_layers):
-        h, _, _ = model.layer_step(layer, h, pos, buffer, position + 1)
+        h, _, _ = model.layer_step(layer, h, attention, buffer)
     return model.logits(h)[0]
 
 

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from ..model.attention import DenseAttention, visible
 from ..model.transformer import Transformer
 
 Context = Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]   # layer -> (pos [m], k [Hkv,m,D], v)
@@ -28,7 +29,7 @@ def run_probe(model: Transformer, ids: torch.Tensor, positions: torch.Tensor, co
         on_layer(layer, q)
         keys = torch.cat([model.rope(layer, ctx_k, ctx_pos), model.rope(layer, k, positions)], dim=1)
         values = torch.cat([ctx_v, v], dim=1)
-        h = model.attend(layer, h, q, keys, values, positions, torch.cat([ctx_pos, positions]))
+        h = model.attend(layer, h, q, keys, values, DenseAttention(positions, torch.cat([ctx_pos, positions])))
 
 
 def attention_probs(model: Transformer, layer: int, q: torch.Tensor, q_pos: torch.Tensor,
@@ -37,7 +38,7 @@ def attention_probs(model: Transformer, layer: int, q: torch.Tensor, q_pos: torc
     group = model.n_heads // model.n_kv_heads
     keys = keys.repeat_interleave(group, dim=0).float()
     scores = q.float() @ keys.transpose(1, 2) * model.spec.layers[layer].scaling
-    scores.masked_fill_(~model.attention_mask(layer, q_pos, k_pos)[None], float("-inf"))
+    scores.masked_fill_(~visible(q_pos, k_pos, model.spec.layers[layer].window)[None], float("-inf"))
     return scores.softmax(dim=-1)
 
 

@@ -7,11 +7,9 @@ Shapes: n rows, N keys, H query heads, Hkv key/value heads, D head dim, E hidden
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from .attention import RowAttention
 from .families import FamilySpec, describe
-
-TRIM_BLOCK = 128      # rows per attention block when trimming keys causally (128 measured best on CPU)
 
 
 class Transformer:
@@ -30,6 +28,7 @@ class Transformer:
         self.critical_layers: list[int] | None = None    # QCFuse's profiled layers, when known
         first = next(hf_model.parameters())
         self.dtype, self.device = first.dtype, first.device
+        self.scattered_kernel: str | None = None       # None: attention.default_kernel(device) decides
 
     # -- pieces of one layer ------------------------------------------------------------------------------
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -52,39 +51,12 @@ class Transformer:
         q = self.rope(layer, q.transpose(0, 1), positions)                 # [H, n, D]
         return q, k.transpose(0, 1), v                                     # k: [Hkv, n, D] pre-RoPE
 
-    def attention_mask(self, layer: int, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        """Position-causal (and sliding-window) visibility: [n, N] bool."""
-        visible = k_pos[None, :] <= q_pos[:, None]
-        window = self.spec.layers[layer].window
-        if window is not None:
-            visible &= k_pos[None, :] > q_pos[:, None] - window
-        return visible
-
-    def attention_bias(self, layer: int, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        """The same visibility as an additive mask [n, N] (0 or -inf, in the model's dtype). SDPA would
-        convert a boolean mask to this on every call; built once, it is reused by every block and layer."""
-        bias = torch.zeros((q_pos.shape[0], k_pos.shape[0]), dtype=self.dtype, device=self.device)
-        return bias.masked_fill_(~self.attention_mask(layer, q_pos, k_pos), float("-inf"))
-
-    def attend(self, layer: int, h, q, keys, values, q_pos, k_pos, mask=None, causal_trim=False) -> torch.Tensor:
+    def attend(self, layer: int, h, q, keys, values, attention) -> torch.Tensor:
         """Rows' attention over keys/values [Hkv, N, D] (keys after RoPE), then the MLP: returns new h [n, E].
-
-        causal_trim: keys sit at consecutive positions k_pos[0].. and q_pos ascends, so each block of rows
-        only needs the keys up to its last position (the rest are masked anyway): fewer FLOPs, same result.
-        """
+        `attention` (a plan from model/attention.py) knows the rows and picks the kernel."""
         block = self.blocks[layer]
-        if mask is None:
-            mask = self.attention_bias(layer, q_pos, k_pos)
-        n = q.shape[1]
-        if causal_trim and n >= 2 * TRIM_BLOCK:
-            first_key, parts = int(k_pos[0]), []
-            for a in range(0, n, TRIM_BLOCK):
-                b = min(n, a + TRIM_BLOCK)
-                lim = int(q_pos[b - 1]) - first_key + 1
-                parts.append(self._attention(layer, q[:, a:b], keys[:, :lim], values[:, :lim], mask[a:b, :lim]))
-            o = torch.cat(parts, dim=1)
-        else:
-            o = self._attention(layer, q, keys, values, mask)              # [H, n, D]
+        spec = self.spec.layers[layer]
+        o = attention(spec.window, q, keys, values, spec.scaling)           # [H, n, D]
         o = block.self_attn.o_proj(o.transpose(0, 1).flatten(1))
         if self.spec.sandwich_norm:
             h = h + block.post_attention_layernorm(o)
@@ -92,29 +64,22 @@ class Transformer:
         h = h + o
         return h + block.mlp(block.post_attention_layernorm(h))
 
-    def _attention(self, layer: int, q, keys, values, mask) -> torch.Tensor:
-        return F.scaled_dot_product_attention(
-            q[None], keys[None], values[None], attn_mask=mask[None, None],
-            scale=self.spec.layers[layer].scaling, enable_gqa=self.n_heads != self.n_kv_heads,
-        )[0]
+    def plan(self, rows, n_keys: int, key_start: int = 0) -> RowAttention:
+        """Attention of sorted rows over keys key_start..key_start+n_keys-1, planned once on the host."""
+        return RowAttention(rows, n_keys, self.device, self.dtype, key_start, self.scattered_kernel)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         out = self.hf.lm_head(self.inner.norm(h)).float()                  # [n, vocab]
         cap = self.spec.final_softcap
         return torch.tanh(out / cap) * cap if cap else out
 
-    def layer_step(self, layer: int, h, rows, buffer, n_keys: int, mask=None):
-        """Compute `rows` through one layer against buffer[:n_keys], writing their fresh K/V into it first.
-
-        Returns the rows' new hidden [n, E] and their fresh pre-RoPE key and value [Hkv, n, D].
-        """
+    def layer_step(self, layer: int, h, attention: RowAttention, buffer):
+        """Compute the planned rows through one layer against buffer[:n_keys], writing their fresh K/V into it
+        first. Returns the rows' new hidden [n, E] and their fresh pre-RoPE key and value [Hkv, n, D]."""
+        rows, n_keys = attention.rows, attention.n_keys
         q, k, v = self.project_qkv(layer, h, rows)
-        buffer.write(layer, rows, self.rope(layer, k, rows), v)
-        keys_pos = torch.arange(n_keys, device=self.device)
-        if mask is None:
-            mask = self.attention_bias(layer, rows, keys_pos)
-        h = self.attend(layer, h, q, buffer.k[layer, :, :n_keys], buffer.v[layer, :, :n_keys], rows, keys_pos, mask,
-                        causal_trim=True)                                   # rows arrive sorted
+        buffer.write(layer, rows, self.rope(layer, k, rows), v, attention.span)
+        h = self.attend(layer, h, q, buffer.k[layer, :, :n_keys], buffer.v[layer, :, :n_keys], attention)
         return h, k, v
 
     def place_reused(self, buffer, layer: int, k_pre: torch.Tensor, v: torch.Tensor, start: int = 0) -> None:
@@ -137,16 +102,12 @@ class Transformer:
         Returns k, v: [L, Hkv, n, D] and h: [n, E]. This is both the offline chunk prefill (start=0) and the
         full-prefill baseline.
         """
-        pos = torch.arange(start, start + ids.shape[0], device=self.device)
+        plan = self.plan(range(start, start + ids.shape[0]), ids.shape[0], key_start=start)
         h = self.embed(ids.to(self.device))
         ks, vs = [], []
-        masks: dict[int | None, torch.Tensor] = {}                          # one per attention window
         for layer in range(self.n_layers):
-            window = self.spec.layers[layer].window
-            if window not in masks:
-                masks[window] = self.attention_bias(layer, pos, pos)
-            q, k, v = self.project_qkv(layer, h, pos)
-            h = self.attend(layer, h, q, self.rope(layer, k, pos), v, pos, pos, masks[window], causal_trim=True)
+            q, k, v = self.project_qkv(layer, h, plan.rows)
+            h = self.attend(layer, h, q, self.rope(layer, k, plan.rows), v, plan)
             ks.append(k)
             vs.append(v)
         return torch.stack(ks), torch.stack(vs), h
