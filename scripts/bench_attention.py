@@ -52,6 +52,27 @@ def reference(q, k, v, rows, n_keys, scale):
         attn_mask=mask[None, None], scale=scale)[0]
 
 
+def copy_bandwidth(device, gib: float = 1.0) -> dict:
+    """Host-to-device bandwidth from pinned memory: one large copy, and the same bytes as 1 MiB pieces (what
+    streaming chunk caches layer by layer issues)."""
+    n = int(gib * (1 << 30)) // 2
+    host = torch.empty(n, dtype=torch.bfloat16).pin_memory()
+    dev = torch.empty(n, dtype=torch.bfloat16, device=device)
+    big, _ = timed(lambda: dev.copy_(host, non_blocking=True), device)
+    piece = (1 << 20) // 2
+
+    def pieces():
+        for a in range(0, n, piece):
+            dev[a:a + piece].copy_(host[a:a + piece], non_blocking=True)
+    small, _ = timed(pieces, device, repeats=3)
+    row = {"shape": "host-to-device copy", "GB_per_s_one_copy": 2 * n / big / 1e9,
+           "GB_per_s_1MiB_pieces": 2 * n / small / 1e9}
+    print(f"pinned host -> device: {row['GB_per_s_one_copy']:.1f} GB/s in one copy, "
+          f"{row['GB_per_s_1MiB_pieces']:.1f} GB/s in 1 MiB pieces", flush=True)
+    return row
+
+
+@torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="4096,16384,32768")
@@ -69,13 +90,17 @@ def main() -> None:
     scale = args.head_dim ** -0.5
     g = torch.Generator().manual_seed(0)
     rows_out = []
+    if device.type == "cuda":
+        rows_out.append(copy_bandwidth(device))
     for n_keys in [int(t) for t in args.tokens.split(",")]:
-        sets = [(torch.randn(args.kv_heads, n_keys, args.head_dim, device=device, dtype=dtype),
-                 torch.randn(args.kv_heads, n_keys, args.head_dim, device=device, dtype=dtype)) for _ in range(4)]
+        # laid out as the engine hands them over: keys/values are slices of a larger KV buffer (room for the
+        # decoded tokens), queries a transposed projection
+        sets = [tuple(torch.randn(args.kv_heads, n_keys + 33, args.head_dim, device=device, dtype=dtype)[:, :n_keys]
+                      for _ in range(2)) for _ in range(4)]
         for shape, rows in (("all rows, causal", torch.arange(n_keys)),
                             (f"scattered rows (ratio {args.ratio:g})", scattered_rows(n_keys, args.ratio, 64, g))):
             n = rows.numel()
-            q = torch.randn(args.heads, n, args.head_dim, device=device, dtype=dtype)
+            q = torch.randn(n, args.heads, args.head_dim, device=device, dtype=dtype).transpose(0, 1)
             pairs = int((rows + 1).sum())                      # visible (row, key) pairs
             floor_ms = 1000 * 4 * pairs * args.head_dim * args.heads * args.layers / (args.tflops * 1e12)
             sample = torch.linspace(0, n - 1, min(n, 512)).round().long().unique()

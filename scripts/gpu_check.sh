@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
-# One prepared device run (a lent H100/H200): environment, attention kernels alone, then `qcfuse bench`.
-# Every stage has its own timeout and writes its log under $OUT (default ./gpu-out), so a stage that fails or
-# runs long leaves the others' results. Usage: bash scripts/gpu_check.sh [bench arguments...]
+# One prepared device run (a lent H100/H200): environment, attention kernels alone, `qcfuse bench` with the
+# given arguments (record kept), then any EXTRA benches (one per ';'-separated argument list, tables only).
+# Every stage has its own timeout and its own log under $OUT (default ./gpu-out), so a stage that fails or runs
+# long leaves the others' results. Usage: EXTRA="--kv-source gpu --tokens 4096" bash scripts/gpu_check.sh ARGS...
 set -u
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
-ATTN_TIMEOUT="${ATTN_TIMEOUT:-150}" BENCH_TIMEOUT="${BENCH_TIMEOUT:-330}"
+untqdm() { tr '\r' '\n' | grep --line-buffered -v -E '^\s*$|(it|run|chunk)/s\]'; }
 {
   date -u; nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv
   python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 echo "== attention kernels alone"
-timeout "$ATTN_TIMEOUT" python3 scripts/bench_attention.py --tokens "${ATTN_TOKENS:-4096,16384,32768}" \
+timeout "${ATTN_TIMEOUT:-150}" python3 scripts/bench_attention.py --tokens "${ATTN_TOKENS:-4096,16384,32768}" \
   --out "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log"
 echo "== qcfuse bench $*"
-timeout "$BENCH_TIMEOUT" python3 -m qcfuse bench --device cuda --config qwen3-8b --out "$OUT/bench" "$@" 2>&1 \
-  | tr '\r' '\n' | grep --line-buffered -v -E '^\s*$|(it|run|chunk)/s\]' | tee "$OUT/bench.log"
+timeout "${BENCH_TIMEOUT:-330}" python3 -m qcfuse bench --device cuda --config qwen3-8b --out "$OUT/bench" "$@" 2>&1 \
+  | untqdm | tee "$OUT/bench.log"
+IFS=';' read -ra extras <<< "${EXTRA:-}"
+for args in "${extras[@]}"; do
+  echo "== qcfuse bench $args" | tee -a "$OUT/extra.log"
+  # shellcheck disable=SC2086
+  timeout "${EXTRA_TIMEOUT:-150}" python3 -m qcfuse bench --device cuda --config qwen3-8b --out - $args 2>&1 \
+    | untqdm | tee -a "$OUT/extra.log"
+done
 echo "== done $(date -u)"

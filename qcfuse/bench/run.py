@@ -27,6 +27,7 @@ import torch
 
 from ..errors import QcfuseError
 from ..fusion.fuse import synchronize
+from ..model import attention as attention_mod
 from ..model.attention import KERNELS, default_kernel
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -281,6 +282,8 @@ def run_bench(cfg: BenchConfig, log=print, progress: bool = True) -> dict:
                 method, ratio = _parse_profile(cfg.profile)
                 res["profile"] = profile_request(engine, layout, make_selector(method, ratio), device)
             res["attention_kernels"] = _kernels_used(model, layout)
+            if attention_mod.FLEX_ERRORS:
+                record["flex_errors"] = list(attention_mod.FLEX_ERRORS)
             record["results"].append(res)
             log(format_result(res, record))
             engine.store.clear()
@@ -382,6 +385,8 @@ def format_result(res: dict, record: dict) -> str:
         kinds = res["attention_kernels"]
         lines.append(f"  attention kernels (per window): full prefill {kinds['full prefill']}, "
                      f"scattered rows {kinds['scattered rows']}")
+    if record.get("flex_errors"):
+        lines.append(f"  FlexAttention was given up: {record['flex_errors'][0].splitlines()[0][:300]}")
     lines.append(f"  {'method':<11}{'ratio':>6}{'TTFT ms':>10}{'select':>9}{'wait':>8}{'compute':>9}"
                  f"{'sel %':>7}{'vs HF':>8}{'vs full':>9}")
     for f in res["fused"]:

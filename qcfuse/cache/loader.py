@@ -4,8 +4,10 @@
 falls back to recomputing the chunk if a part turns out broken or its tier goes away mid-request (never a
 wrong answer, never a failed request). `LayerLoader` reads layer l of every chunk, joins them into the
 context's [Hkv, C, D] K and V, and with `background=True` does so ahead of compute in a thread, so compute
-waits only for the layer it needs. On CUDA the thread stages each layer in pinned memory and copies it on a
-side stream; compute waits on that layer's event only.
+waits only for the layer it needs. On CUDA every transfer goes on the loader's own stream: each chunk's layer
+lands in one contiguous piece by a plain DMA from pinned memory (no temporaries, no strided copy), and one
+kernel joins the pieces; compute waits on that layer's event only, never on the host. Whatever a selector
+stages on `stream` before `start()` (its small query cache) arrives before the first full layer.
 """
 from __future__ import annotations
 
@@ -73,14 +75,21 @@ class LayerLoader:
         self.sources, self.n_layers = sources, n_layers
         self.device = torch.device(device)
         self.io_wait_s = 0.0
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
         self._ready = [threading.Event() for _ in range(n_layers)]
         self._events: list = [None] * n_layers          # CUDA: copy finished
         self._error: BaseException | None = None
+        self._background = background and n_layers > 0
         self._thread = None
-        if background and n_layers:
-            self._thread = threading.Thread(target=self._run, name="qcfuse-kv-loader", daemon=True)
-            self._thread.start()
+        self._start_lock = threading.Lock()
+
+    def start(self) -> None:
+        """Begin streaming layers in the background (idempotent; the first layer() call starts it too)."""
+        with self._start_lock:
+            if self._background and self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="qcfuse-kv-loader", daemon=True)
+                self._thread.start()
 
     def _read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer of every chunk, joined along the token axis: [Hkv, C, D] each."""
@@ -90,13 +99,12 @@ class LayerLoader:
         return k, v
 
     def _run(self) -> None:
-        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         try:
             for layer in range(self.n_layers):
-                if stream is not None:
-                    k, v = self._copy_to_device(layer, stream)
+                if self.stream is not None:
+                    k, v = self._copy_to_device(layer)
                     event = torch.cuda.Event()
-                    event.record(stream)
+                    event.record(self.stream)
                     self._events[layer] = event
                 else:
                     k, v = self._read(layer)
@@ -109,32 +117,22 @@ class LayerLoader:
             for event in self._ready:
                 event.set()
 
-    def _copy_to_device(self, layer: int, stream) -> tuple[torch.Tensor, torch.Tensor]:
-        """CUDA: each chunk's layer goes straight into its slice of one device tensor on the copy stream
-        (host pieces staged in pinned memory first unless already pinned), with no joined host copy."""
+    def _copy_to_device(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """CUDA, on the loader's stream: one layer of every chunk joined into [Hkv, C, D] K and V."""
         pairs = [s.layer(layer) for s in self.sources]
-        heads, dim = pairs[0][0].shape[0], pairs[0][0].shape[2]
-        total = sum(p[0].shape[1] for p in pairs)
-        with torch.cuda.stream(stream):
-            k = torch.empty((heads, total, dim), dtype=pairs[0][0].dtype, device=self.device)
-            v = torch.empty_like(k)
-            start = 0
-            for pk, pv in pairs:
-                n = pk.shape[1]
-                for src, dst in ((pk, k), (pv, v)):
-                    if not src.is_cuda and not src.is_pinned():
-                        src = src.pin_memory()
-                    dst[:, start:start + n].copy_(src, non_blocking=True)
-                start += n
+        with torch.cuda.stream(self.stream):
+            k = torch.cat(to_device([p[0] for p in pairs], self.device), dim=1)
+            v = torch.cat(to_device([p[1] for p in pairs], self.device), dim=1)
         return k, v
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         t0 = time.perf_counter()
-        if self._thread is None:
+        if not self._background:
             if self._layers[layer] is None:
                 k, v = self._read(layer)
                 self._layers[layer] = (k.to(self.device), v.to(self.device))
         else:
+            self.start()
             self._ready[layer].wait()
             if self._error is not None:
                 raise self._error
@@ -157,3 +155,19 @@ class LayerLoader:
     @property
     def bytes_loaded(self) -> int:
         return sum(s.bytes_read for s in self.sources if hasattr(s, "bytes_read"))
+
+
+def to_device(pieces: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Each host piece as a contiguous device tensor, by one asynchronous copy from pinned memory (pieces
+    that are not pinned are staged in pinned memory first); pieces already there pass through. Call it on the
+    stream the copies should go on."""
+    out = []
+    for t in pieces:
+        if t.device == device:
+            out.append(t)
+            continue
+        t = t.contiguous()
+        if not t.is_pinned():
+            t = t.pin_memory()
+        out.append(t.to(device, non_blocking=True))
+    return out

@@ -116,6 +116,8 @@ class MemoryTier(Tier):
 
     def _placed(self, entry: ChunkKV) -> ChunkKV:
         def place(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() <= 1 and not t.is_floating_point():
+                return t.cpu()       # metadata (e.g. a layer list): read on the host, so never a device sync
             t = t.to(self.device) if self.device is not None else t
             return t.pin_memory() if self.pin and not t.is_cuda else t
         return ChunkKV(place(entry.k), place(entry.v), {name: place(t) for name, t in entry.extras.items()})

@@ -33,13 +33,16 @@ class FuseResult:
 def fuse(model: Transformer, layout: PromptLayout, reused: ReusedKV | None, selector: Selector,
          capacity: int) -> FuseResult:
     n, ctx = layout.n_tokens, layout.context_len
-    ids = layout.ids.to(model.device)
+    ids = layout.ids.to(model.device, non_blocking=True)
     docs = layout.doc_positions()
     buffer = model.new_buffer(capacity)
 
     if selector.uses_cache:
         t0 = time.perf_counter()
-        doc_rows = _checked(selector.select(FusionInputs(model, layout, reused)), layout)
+        inputs = FusionInputs(model, layout, reused)
+        selector.stage(inputs)              # the selector's small reads go first on the loader's stream,
+        reused.loader.start()               # then the full layers stream behind them while it selects
+        doc_rows = _checked(selector.select(inputs), layout)
         synchronize(model.device)
         selection_s = time.perf_counter() - t0
         always = layout.suffix_positions()

@@ -22,7 +22,7 @@ def run_probe(model: Transformer, ids: torch.Tensor, positions: torch.Tensor, co
               n_layers: int, on_layer: OnLayer) -> None:
     """Compute rows `ids` at `positions` through layers 0..n_layers-1, each attending over context(l) and
     causally over themselves; call on_layer(l, q) with the rows' queries at every layer."""
-    h = model.embed(ids.to(model.device))
+    h = model.embed(ids.to(model.device, non_blocking=True))
     for layer in range(n_layers):
         ctx_pos, ctx_k, ctx_v = context(layer)
         q, k, v = model.project_qkv(layer, h, positions)
@@ -43,7 +43,7 @@ def attention_probs(model: Transformer, layer: int, q: torch.Tensor, q_pos: torc
 
 
 def top_positions(scores: torch.Tensor, positions: torch.Tensor, k: int) -> torch.Tensor:
-    """The k positions with the highest scores, sorted."""
+    """The k positions with the highest scores, sorted, on the host (the selection's one wait for the GPU)."""
     k = min(k, scores.numel())
     return positions[scores.float().topk(k).indices.cpu()].sort().values
 
@@ -55,20 +55,21 @@ def question_scores(model: Transformer, layout, context: Context, layers: list[i
     The suffix runs through layers 0..max(layers) over context(l); at each layer in `layers` its queries
     attend over keys(l) (pre-RoPE keys of the whole context), the probabilities on document tokens are
     reduced over heads and query tokens (mean or max), normalized to sum 1, and averaged over `layers`.
-    Returns scores [n_doc_tokens] in document-position order.
+    Returns scores [n_doc_tokens] in document-position order, on the compute device (nothing here waits for
+    the GPU: the caller's top-k reads the result once).
     """
     ctx, doc0 = layout.context_len, len(layout.prefix)
     ctx_pos = torch.arange(ctx, device=model.device)
-    q_pos = layout.suffix_positions().to(model.device)
+    q_pos = layout.suffix_positions().to(model.device, non_blocking=True)
     wanted = set(layers)
-    total = torch.zeros(layout.n_doc_tokens)
+    total = torch.zeros(layout.n_doc_tokens, device=model.device)
 
     def on_layer(layer: int, q: torch.Tensor) -> None:
         if layer in wanted:
             keys_roped = model.rope(layer, keys(layer), ctx_pos)
             probs = attention_probs(model, layer, q, q_pos, keys_roped, ctx_pos)[:, :, doc0:]
             s = probs.amax(dim=(0, 1)) if reduction == "max" else probs.mean(dim=(0, 1))
-            total.add_((s / s.sum().clamp_min(1e-30)).cpu())
+            total.add_(s / s.sum().clamp_min(1e-30))
 
     run_probe(model, torch.tensor(layout.suffix), q_pos, context, max(layers) + 1, on_layer)
     return total / len(wanted)

@@ -48,8 +48,14 @@ class QCFuse(Selector):
             raise QcfuseError(f"critical layers {layers} outside 0..{model.n_layers - 1}")
         return sorted(layers)
 
+    def stage(self, inputs):
+        """The query cache (anchors of layers 0..max(C), keys of C) goes to the device ahead of the full layers."""
+        layers = self.layers_for(inputs.model)
+        inputs.reused.stage_query(max(layers) + 1, self.anchor_ratio, layers)
+
     def select(self, inputs):
         model, layout, reused = inputs.model, inputs.layout, inputs.reused
+        self.stage(inputs)                                  # no-op when the fuse loop staged it already
         scores = question_scores(model, layout, lambda layer: reused.anchors(layer, self.anchor_ratio),
                                  self.layers_for(model), reused.keys, self.reduction)
         if self.smooth or self.chunk_heads:
@@ -87,6 +93,7 @@ class QCFuse(Selector):
         gather = top[:, None, :, None].expand(-1, entry.k.shape[1], -1, entry.k.shape[3])
         critical = default_critical_layers(t, N_CRITICAL)
         entry.extras["anchor_rank"] = rank.to(torch.int32)
+        entry.extras["anchor_pos"] = top.to(torch.int32).contiguous()   # [L, m]: positions of anchor_k/v
         entry.extras["anchor_k"] = entry.k.gather(2, gather)           # [L, Hkv, m, D]
         entry.extras["anchor_v"] = entry.v.gather(2, gather)
         entry.extras["critical_layers"] = torch.tensor(critical, dtype=torch.int32)

@@ -7,6 +7,7 @@ Selectors that need a probe of the query run it inside `select`, reading layers 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -14,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from ..cache.kv import ChunkKV
-from ..cache.loader import LayerLoader
+from ..cache.loader import LayerLoader, to_device
 from ..errors import QcfuseError
 from ..model.transformer import Transformer
 from ..prompt import PromptLayout
@@ -27,7 +28,8 @@ class ReusedKV:
     (the small query cache, read first) and layer(l). Full layers come through a LayerLoader, which may read
     ahead in the background. Three kinds of read, each logged in `reads` as (kind, layer) so pipelining
     claims can be tested: "layer" (full K and V), "keys" (full K only), "anchors" (the prefix plus each
-    chunk's anchor tokens). "keys" and "anchors" are served from the query cache when it holds them.
+    chunk's anchor tokens). "keys" and "anchors" are served from the query cache when it holds them, staged on
+    the compute device by `stage_query` in one transfer per chunk and tensor.
     """
 
     def __init__(self, pieces: list, prefix_len: int = 0, loader: LayerLoader | None = None):
@@ -41,6 +43,8 @@ class ReusedKV:
         self.device = self.loader.device              # where compute runs; stored extras may sit on the host
         self.reads: list[tuple[str, int]] = []
         self._consumed: set[int] = set()
+        self._anchors: _Staged | None = None          # staged anchor view of layers 0..A-1
+        self._critical: _Staged | None = None         # staged keys of the critical layers
 
     @property
     def layers_read(self) -> list[int]:
@@ -53,41 +57,120 @@ class ReusedKV:
             self._consumed.add(layer)
         return self.loader.layer(layer)
 
+    # -- the query cache ----------------------------------------------------------------------------------
+    def stage_query(self, anchor_layers: int, anchor_ratio: float, critical: list[int],
+                    name: str = "anchor_rank") -> None:
+        """Move what a compressed-view selection reads to the compute device, before any full layer: every
+        prefix token and each chunk's first ceil(anchor_ratio*n) anchors for layers 0..anchor_layers-1, and the
+        full keys of the `critical` layers. One asynchronous copy per chunk and tensor (all layers at once), on
+        the loader's stream, so it travels ahead of the layers the loader streams after it. Idempotent."""
+        wanted = (anchor_layers, anchor_ratio, tuple(critical), name)
+        if self._anchors is not None and self._anchors.key == wanted:
+            return
+        with self._copy_stream():
+            self._anchors = self._stage_anchors(anchor_layers, anchor_ratio, name)
+            self._critical = self._stage_critical(critical)
+        self._anchors.key = wanted
+        for staged in (self._anchors, self._critical):
+            if staged is not None:
+                staged.handoff(self.loader.stream)
+
+    def _stage_anchors(self, n_layers: int, ratio: float, name: str) -> _Staged:
+        positions, ks, vs = [], [], []
+        for piece, start in zip(self.pieces, self.starts):
+            extras = piece.extras
+            m = max(1, math.ceil(ratio * piece.n_tokens))
+            stored = extras.get("anchor_k")
+            if start < self.prefix_len or name not in extras or stored is None or stored.shape[2] < m:
+                # every token (the prefix, or a chunk without enough stored anchors): its full layers
+                pairs = [piece.layer(layer) for layer in range(n_layers)]
+                k, v = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+                pos = torch.arange(piece.n_tokens, dtype=torch.int32).expand(n_layers, -1)
+            else:          # the stored anchors, in rank order: any smaller share is a prefix of them
+                pos = extras.get("anchor_pos", extras[name])[:n_layers, :m]
+                k, v = stored[:n_layers, :, :m], extras["anchor_v"][:n_layers, :, :m]
+            positions.append((pos, start))
+            ks.append(k)
+            vs.append(v)
+        pos = [p.long() + start for p, start in zip(to_device([p for p, _ in positions], self.device), self.starts)]
+        return _Staged(torch.cat(pos, dim=1), torch.cat(to_device(ks, self.device), dim=2),
+                       torch.cat(to_device(vs, self.device), dim=2))
+
+    def _stage_critical(self, layers: list[int]) -> _Staged | None:
+        """Keys of the critical layers for the whole context: [|C|, Hkv, C, D], None unless every piece
+        stores them all."""
+        if not layers:
+            return None
+        parts = []
+        for piece in self.pieces:
+            extras = piece.extras
+            if "critical_k" not in extras:
+                return None
+            stored = extras["critical_layers"].tolist()
+            if not set(layers) <= set(stored):
+                return None
+            ck = extras["critical_k"]
+            parts.append(ck if stored == list(layers) else ck[[stored.index(layer) for layer in layers]])
+        staged = _Staged(torch.tensor(layers), torch.cat(to_device(parts, self.device), dim=2), None)
+        staged.index = {layer: i for i, layer in enumerate(layers)}
+        return staged
+
+    @contextlib.contextmanager
+    def _copy_stream(self):
+        if self.loader.stream is None:
+            yield
+            return
+        with torch.cuda.stream(self.loader.stream):
+            yield
+
     def keys(self, layer: int) -> torch.Tensor:
         """Pre-RoPE keys of every context token at `layer` (no values): [Hkv, C, D]."""
         if layer in self._consumed:
             return self.loader.layer(layer)[0]
         self.reads.append(("keys", layer))
+        if self._critical is not None and layer in self._critical.index:
+            return self._critical.ready().k[self._critical.index[layer]]
         stored = [_critical_keys(p.extras, layer) for p in self.pieces]
         if all(k is not None for k in stored):
-            return torch.cat([k.to(self.device, non_blocking=True) for k in stored], dim=1)
+            return torch.cat(to_device(stored, self.device), dim=1)
         return self.loader.layer(layer)[0]
 
     def anchors(self, layer: int, ratio: float, name: str = "anchor_rank"):
         """A compressed view at `layer`: every prefix token plus, per chunk, its first ceil(ratio*n) tokens in
-        the chunk's stored anchor ranking. Returns (positions [m], pre-RoPE k [Hkv, m, D], v)."""
+        the chunk's stored anchor ranking. Returns (positions [m], pre-RoPE k [Hkv, m, D], v), in no particular
+        order (attention does not care; the positions say where each key sits)."""
+        staged = self._anchors
+        if staged is None or (staged.key[1], staged.key[3]) != (ratio, name) or layer >= staged.key[0]:
+            critical = list(staged.key[2]) if staged is not None else []
+            self.stage_query(self.n_layers, ratio, critical, name)      # read directly: stage every layer
+            staged = self._anchors
         self.reads.append(("anchors", layer))
-        positions, ks, vs = [], [], []
-        for piece, start in zip(self.pieces, self.starts):
-            extras = piece.extras
-            if start < self.prefix_len or name not in extras:
-                idx = torch.arange(piece.n_tokens)
-                k, v = piece.layer(layer)
-            else:
-                m = max(1, math.ceil(ratio * piece.n_tokens))
-                ranked = extras[name][layer][:m].long()
-                order = ranked.argsort()
-                idx = ranked[order]
-                if "anchor_k" in extras and extras["anchor_k"].shape[2] >= m:   # in the query cache
-                    k = extras["anchor_k"][layer][:, :m][:, order]
-                    v = extras["anchor_v"][layer][:, :m][:, order]
-                else:
-                    k_full, v_full = piece.layer(layer)
-                    k, v = k_full[:, idx], v_full[:, idx]
-            positions.append(idx + start)
-            ks.append(k.to(self.device, non_blocking=True))
-            vs.append(v.to(self.device, non_blocking=True))
-        return torch.cat(positions).to(self.device), torch.cat(ks, dim=1), torch.cat(vs, dim=1)
+        staged = staged.ready()
+        return staged.pos[layer], staged.k[layer], staged.v[layer]
+
+
+class _Staged:
+    """Tensors staged on the compute device by the loader's stream; `ready()` makes the compute stream wait
+    for them (once) without the host waiting."""
+
+    def __init__(self, pos, k, v):
+        self.pos, self.k, self.v = pos, k, v
+        self.key, self.index, self._event = None, {}, None
+
+    def handoff(self, stream) -> None:
+        if stream is not None:
+            self._event = torch.cuda.Event()
+            self._event.record(stream)
+
+    def ready(self) -> _Staged:
+        if self._event is not None:
+            compute = torch.cuda.current_stream()
+            compute.wait_event(self._event)
+            for t in (self.pos, self.k, self.v):
+                if t is not None and t.is_cuda:
+                    t.record_stream(compute)
+            self._event = None
+        return self
 
 
 def _critical_keys(extras: dict, layer: int) -> torch.Tensor | None:
@@ -134,6 +217,10 @@ class Selector:
     @classmethod
     def offline(cls, model, ids: list[int], entry: ChunkKV) -> None:
         """Add this method's small per-chunk data to `entry.extras` when a chunk is prepared (default: none)."""
+
+    def stage(self, inputs: FusionInputs) -> None:
+        """Start the small reads `select` will need (e.g. the query cache) before the full layers start
+        streaming behind them (default: none)."""
 
     def select(self, inputs: FusionInputs) -> torch.Tensor:
         """Absolute positions of the document tokens to recompute from layer 0 (the suffix always is)."""
