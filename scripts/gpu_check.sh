@@ -13,9 +13,11 @@ untqdm() { tr '\r' '\n' | grep --line-buffered -v -E '^\s*$|(it|run|chunk)/s\]';
   python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
-echo "== attention kernels alone"
-timeout "${ATTN_TIMEOUT:-150}" python3 scripts/bench_attention.py --tokens "${ATTN_TOKENS:-4096,16384,32768}" \
-  --out "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log"
+if [ "${ATTN_TOKENS:-}" != skip ]; then
+  echo "== attention kernels alone"
+  timeout "${ATTN_TIMEOUT:-150}" python3 scripts/bench_attention.py --tokens "${ATTN_TOKENS:-4096,16384,32768}" \
+    --out "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log"
+fi
 echo "== qcfuse bench $*"
 timeout "${BENCH_TIMEOUT:-330}" python3 -m qcfuse bench --device cuda --config qwen3-8b --out "$OUT/bench" "$@" 2>&1 \
   | untqdm | tee "$OUT/bench.log"

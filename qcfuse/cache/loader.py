@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from ..transfer import upload
 from .codec import CorruptEntry
 from .kv import ChunkKV
 from .store import EntryReader, MemoryReader, TierUnavailable
@@ -161,13 +162,4 @@ def to_device(pieces: list[torch.Tensor], device: torch.device) -> list[torch.Te
     """Each host piece as a contiguous device tensor, by one asynchronous copy from pinned memory (pieces
     that are not pinned are staged in pinned memory first); pieces already there pass through. Call it on the
     stream the copies should go on."""
-    out = []
-    for t in pieces:
-        if t.device == device:
-            out.append(t)
-            continue
-        t = t.contiguous()
-        if not t.is_pinned():
-            t = t.pin_memory()
-        out.append(t.to(device, non_blocking=True))
-    return out
+    return [upload(t.contiguous(), device) for t in pieces]

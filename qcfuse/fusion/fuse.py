@@ -18,6 +18,7 @@ from ..cache.kv import KVBuffer
 from ..errors import QcfuseError
 from ..model.transformer import Transformer
 from ..prompt import PromptLayout
+from ..transfer import upload
 from .selector import FusionInputs, LayerView, ReusedKV, Selector
 
 
@@ -33,7 +34,7 @@ class FuseResult:
 def fuse(model: Transformer, layout: PromptLayout, reused: ReusedKV | None, selector: Selector,
          capacity: int) -> FuseResult:
     n, ctx = layout.n_tokens, layout.context_len
-    ids = layout.ids.to(model.device, non_blocking=True)
+    ids = upload(layout.ids, model.device)
     docs = layout.doc_positions()
     buffer = model.new_buffer(capacity)
 
@@ -79,9 +80,11 @@ def fuse(model: Transformer, layout: PromptLayout, reused: ReusedKV | None, sele
 
 
 def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so wall-clock timings mean what they say (no-op on the CPU)."""
+    """Wait for the compute stream's queued work, so wall-clock timings mean what they say (no-op on the CPU).
+    The compute stream only: a device-wide sync would also wait for every layer the loader has queued, which
+    the request does not need yet (and would charge that transfer to whatever is being timed)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 def _checked(positions: torch.Tensor, layout: PromptLayout) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 
 from ..model.attention import DenseAttention, visible
 from ..model.transformer import Transformer
+from ..transfer import upload
 
 Context = Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]   # layer -> (pos [m], k [Hkv,m,D], v)
 OnLayer = Callable[[int, torch.Tensor], None]                                 # (layer, q [H, n, D] after RoPE)
@@ -22,7 +23,7 @@ def run_probe(model: Transformer, ids: torch.Tensor, positions: torch.Tensor, co
               n_layers: int, on_layer: OnLayer) -> None:
     """Compute rows `ids` at `positions` through layers 0..n_layers-1, each attending over context(l) and
     causally over themselves; call on_layer(l, q) with the rows' queries at every layer."""
-    h = model.embed(ids.to(model.device, non_blocking=True))
+    h = model.embed(upload(ids, model.device))
     for layer in range(n_layers):
         ctx_pos, ctx_k, ctx_v = context(layer)
         q, k, v = model.project_qkv(layer, h, positions)
@@ -60,7 +61,7 @@ def question_scores(model: Transformer, layout, context: Context, layers: list[i
     """
     ctx, doc0 = layout.context_len, len(layout.prefix)
     ctx_pos = torch.arange(ctx, device=model.device)
-    q_pos = layout.suffix_positions().to(model.device, non_blocking=True)
+    q_pos = upload(layout.suffix_positions(), model.device)
     wanted = set(layers)
     total = torch.zeros(layout.n_doc_tokens, device=model.device)
 

@@ -26,6 +26,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from ..transfer import upload
+
 log = logging.getLogger("qcfuse.attention")
 
 CPU_BLOCK = 128          # rows per block on the CPU (measured best there)
@@ -83,7 +85,7 @@ class RowAttention:
             raise ValueError("rows must lie within the keys")
         first, last = (int(rows_host[0]), int(rows_host[-1])) if self.n_rows else (0, -1)
         self.span = (first, last + 1) if last - first + 1 == self.n_rows else None   # contiguous rows
-        self.rows = rows_host.to(self.device, non_blocking=True)
+        self.rows = upload(rows_host, self.device)
         self.kernel = kernel or default_kernel(self.device)
         self._by_window: dict[int | None, object] = {}
 
@@ -163,7 +165,7 @@ class _Blocked:
             lo = 0 if window is None else max(0, int(rel[a]) - window + 1)
             hi = int(rel[b - 1]) + 1
             self.blocks.append((a, b, lo // align * align, min(n_keys, -(-hi // align) * align)))
-        rel_dev = rel.to(device, non_blocking=True)
+        rel_dev = upload(rel, device)
         self.mask = additive_mask(rel_dev, torch.arange(n_keys, device=device), window, dtype)
 
     def __call__(self, q, keys, values, scale):
@@ -187,7 +189,7 @@ class _Flex:
         self.n, self.n_keys = rel.numel(), n_keys
         self.n_pad, self.keys_pad = _whole_tiles(self.n), _whole_tiles(n_keys)
         padded = torch.cat([rel, rel[-1:].expand(self.n_pad - self.n)])        # extra rows repeat the last
-        rows = padded.to(device=device, dtype=torch.int32, non_blocking=True)
+        rows = upload(padded.to(torch.int32), device)
 
         def mask_mod(b, h, q_idx, kv_idx):
             r = rows[q_idx]
@@ -196,11 +198,12 @@ class _Flex:
                 seen = seen & (kv_idx > r - window)
             return seen
 
-        # padded keys (>= n_keys) are never visible: every row lies below n_keys
-        partial, full = tile_visibility(padded, self.keys_pad, window, FLEX_BLOCK)
+        # padded keys (>= n_keys) are never visible: every row lies below n_keys. Built on the device from the
+        # uploaded rows: a handful of small kernels, and no copy that would wait for the GPU
+        partial, full = tile_visibility(rows, self.keys_pad, window, FLEX_BLOCK)
         tiles = [_ordered(m) for m in (partial, full)]
         self.block_mask = BlockMask.from_kv_blocks(*tiles[0], *tiles[1], BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
-                                                   seq_lengths=(self.n_pad, self.keys_pad)).to(device)
+                                                   seq_lengths=(self.n_pad, self.keys_pad))
 
     def __call__(self, q, keys, values, scale):
         q = F.pad(q, (0, 0, 0, self.n_pad - self.n))                            # [H, n_pad, D] contiguous
@@ -217,11 +220,11 @@ def _whole_tiles(n: int) -> int:
 
 def tile_visibility(rel: torch.Tensor, n_keys: int, window: int | None, tile: int):
     """Which (row tile, key tile) pairs some row sees in part, and which every row sees in full: two
-    [row tiles, key tiles] bool maps, computed on the host from the sorted rows."""
+    [row tiles, key tiles] bool maps, from the sorted rows (on whichever device they are)."""
     n = rel.numel()
-    starts = torch.arange(0, n, tile)
+    starts = torch.arange(0, n, tile, device=rel.device)
     lo, hi = rel[starts], rel[torch.clamp(starts + tile, max=n) - 1]          # first and last row per tile
-    k0 = torch.arange(0, n_keys, tile)
+    k0 = torch.arange(0, n_keys, tile, device=rel.device)
     k1 = torch.clamp(k0 + tile, max=n_keys) - 1                                # first and last key per tile
     w = n_keys + n + 1 if window is None else window                           # "no window" reaches everything
     some = (k0[None] <= hi[:, None]) & (k1[None] > lo[:, None] - w)
