@@ -93,6 +93,16 @@ class FusionEngine:
             return entry, True
         return self._compute_and_store(ids), False
 
+    def _background(self, sources: list) -> bool:
+        """Read layers ahead in a thread when that overlaps something: a copy engine (CUDA) or I/O (disk,
+        Redis). On the CPU with every chunk already in memory a read is a memcpy on the same cores as compute,
+        and a second thread running parallel ops only oversubscribes them (measured: selection 90-100 ms in
+        the foreground against 145-170 ms beside a background reader, SmolLM2 at 4K on 2 cores)."""
+        if not self.background_loading:
+            return False
+        in_memory = {"memory", "computed", "recomputed"}
+        return self.model.transformer.device.type == "cuda" or any(s.tier not in in_memory for s in sources)
+
     def check_fits(self, layout: PromptLayout, max_new_tokens: int) -> None:
         if max_new_tokens < 1:
             raise QcfuseError("max_new_tokens must be at least 1")
@@ -138,7 +148,7 @@ class FusionEngine:
                 hits, misses = hits + hit, misses + (not hit)
                 if hit:
                     by_tier[source.tier] += 1
-            loader = LayerLoader(sources, model.n_layers, model.device, background=self.background_loading)
+            loader = LayerLoader(sources, model.n_layers, model.device, background=self._background(sources))
             reused = ReusedKV(sources, prefix_len=len(layout.prefix), loader=loader)
         try:
             out = fuse(model, layout, reused, selector, capacity=layout.n_tokens + max_new_tokens)

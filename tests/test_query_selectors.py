@@ -105,3 +105,22 @@ def test_qcfuse_span_and_chunk_head_options(smollm2, needle):
     gaps = (spans[1:] - spans[:-1]).tolist()
     plain_gaps = (plain[1:] - plain[:-1]).tolist()
     assert gaps.count(1) > plain_gaps.count(1)          # more contiguous runs than plain top-k
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.10, 0.2, 1.0])
+def test_anchor_view_is_the_prefix_and_each_chunks_top_ranked_tokens(needle, ratio):
+    """The staged compressed view holds exactly the prefix and each chunk's first ceil(ratio*n) tokens by its
+    stored ranking, with their own cached K and V: from the stored anchors up to their 10%, gathered from
+    the full layers beyond."""
+    import math
+    layout, pieces, _ = needle
+    reused = ReusedKV(pieces, prefix_len=len(layout.prefix))
+    for layer in (0, 7):
+        pos, k, v = reused.anchors(layer, ratio)
+        expected = set(range(len(layout.prefix)))
+        for piece, start in zip(pieces[1:], reused.starts[1:]):
+            top = piece.extras["anchor_rank"][layer, :math.ceil(ratio * piece.n_tokens)]
+            expected |= {start + int(i) for i in top}
+        assert len(pos) == len(expected) and set(pos.tolist()) == expected
+        assert torch.equal(k, torch.cat([p.k[layer] for p in pieces], dim=1)[:, pos])
+        assert torch.equal(v, torch.cat([p.v[layer] for p in pieces], dim=1)[:, pos])

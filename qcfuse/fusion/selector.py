@@ -81,18 +81,22 @@ class ReusedKV:
             extras = piece.extras
             m = max(1, math.ceil(ratio * piece.n_tokens))
             stored = extras.get("anchor_k")
-            if start < self.prefix_len or name not in extras or stored is None or stored.shape[2] < m:
-                # every token (the prefix, or a chunk without enough stored anchors): its full layers
+            if start < self.prefix_len or name not in extras:          # every token: the prefix
                 pairs = [piece.layer(layer) for layer in range(n_layers)]
                 k, v = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
                 pos = torch.arange(piece.n_tokens, dtype=torch.int32).expand(n_layers, -1)
-            else:          # the stored anchors, in rank order: any smaller share is a prefix of them
-                pos = extras.get("anchor_pos", extras[name])[:n_layers, :m]
+            elif stored is not None and stored.shape[2] >= m:    # the stored anchors, in rank order:
+                pos = extras.get("anchor_pos", extras[name])[:n_layers, :m]    # any smaller share is a prefix
                 k, v = stored[:n_layers, :, :m], extras["anchor_v"][:n_layers, :, :m]
-            positions.append((pos, start))
+            else:                    # more anchors than stored: the top m by rank, gathered from full layers
+                pos = extras[name][:n_layers, :m]
+                pairs = [piece.layer(layer) for layer in range(n_layers)]
+                k = torch.stack([p[0][:, pos[layer].long()] for layer, p in enumerate(pairs)])
+                v = torch.stack([p[1][:, pos[layer].long()] for layer, p in enumerate(pairs)])
+            positions.append(pos)
             ks.append(k)
             vs.append(v)
-        pos = [p.long() + start for p, start in zip(to_device([p for p, _ in positions], self.device), self.starts)]
+        pos = [p.long() + start for p, start in zip(to_device(positions, self.device), self.starts)]
         return _Staged(torch.cat(pos, dim=1), torch.cat(to_device(ks, self.device), dim=2),
                        torch.cat(to_device(vs, self.device), dim=2))
 

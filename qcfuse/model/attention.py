@@ -111,12 +111,13 @@ class RowAttention:
 
     def __call__(self, window: int | None, q, keys, values, scale: float) -> torch.Tensor:
         """q [H, n, D] of the rows, keys [Hkv, N, D] (after RoPE) and values -> [H, n, D]."""
-        kernel = self.kernel_for(window)
-        if not isinstance(kernel, _Flex):
-            return kernel(q, keys, values, scale)
+        if self.kernel != "flex":
+            return self.kernel_for(window)(q, keys, values, scale)
         try:
-            return kernel(q, keys, values, scale)
+            return self.kernel_for(window)(q, keys, values, scale)
         except Exception as exc:        # e.g. no compiler for this GPU: row blocks compute the same thing
+            if not isinstance(self._by_window.get(window), (_Flex, type(None))):
+                raise                   # another kernel's error (out of memory, say) is not FlexAttention's
             _flex_failed(exc)
             self.kernel = "blocked"
             self._by_window.clear()
