@@ -69,6 +69,16 @@ def test_bench_measures_every_method_and_ratio_and_checks_exactness(tiny_config)
         assert qc["selection_ms"] > 0
 
 
+def test_bench_profiles_one_request_per_length_into_the_record(tiny_config, tmp_path):
+    record = _run(tiny_config, profile="qcfuse@0.1", attention="blocked")
+    assert record["attention"] == "blocked"
+    for res in record["results"]:
+        assert res["profile"]["request"] == "qcfuse 0.1" and "aten::" in res["profile"]["table"]
+    from qcfuse.bench.run import save_record
+    md = save_record(record, tmp_path).with_suffix(".md").read_text()
+    assert "## Profile: qcfuse 0.1 at 200 tokens" in md and "## Profile: qcfuse 0.1 at 330 tokens" in md
+
+
 def test_bench_streams_from_disk(tiny_config, tmp_path):
     record = _run(tiny_config, kv_source="disk", cache_dir=str(tmp_path / "kv"))
     assert record["kv_source"] == "disk"
@@ -110,6 +120,8 @@ def test_cli_prints_tables(tiny_config, capsys):
     (["--methods", "magic"], "unknown method 'magic'"),
     (["--ratios", "1.5"], "ratio must be within [0, 1]"),
     (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--profile", "epic@x"], "--profile expects METHOD@RATIO"),
+    (["--profile", "magic@0.1"], "unknown method 'magic'"),
 ])
 def test_cli_user_mistakes(tiny_config, capsys, argv, message):
     if argv[:2] == ["--device", "cuda"] and torch.cuda.is_available():
