@@ -335,12 +335,10 @@ def _kernels_used(model, layout) -> dict:
     windows = {layer.window for layer in model.spec.layers}
     full = model.plan(range(layout.n_tokens), layout.n_tokens)
     some = model.plan(torch.cat([layout.doc_positions()[::7], layout.suffix_positions()]), layout.n_tokens)
-    return {"full prefill": {str(w): _kernel_name(full.kernel_for(w)) for w in windows},
-            "scattered rows": {str(w): _kernel_name(some.kernel_for(w)) for w in windows}}
-
-
-def _kernel_name(kernel) -> str:
-    return type(kernel).__name__.strip("_").lower()
+    for plan in (full, some):
+        for window in windows:
+            plan.kernel_for(window)
+    return {"full prefill": full.kernels, "scattered rows": some.kernels}
 
 
 def count_syncs(fn) -> dict:

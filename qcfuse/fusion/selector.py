@@ -115,7 +115,7 @@ class ReusedKV:
                 return None
             ck = extras["critical_k"]
             parts.append(ck if stored == list(layers) else ck[[stored.index(layer) for layer in layers]])
-        staged = _Staged(torch.tensor(layers), torch.cat(to_device(parts, self.device), dim=2), None)
+        staged = _Staged(None, torch.cat(to_device(parts, self.device), dim=2), None)
         staged.index = {layer: i for i, layer in enumerate(layers)}
         return staged
 

@@ -77,10 +77,9 @@ class RowAttention:
                  kernel: str | None = None):
         rows_host = (torch.arange(rows.start, rows.stop) if isinstance(rows, range)
                      else torch.as_tensor(rows, dtype=torch.long).cpu())
-        self.rows_host = rows_host                                     # [n] absolute positions, ascending
         self.n_rows, self.n_keys, self.key_start = rows_host.numel(), int(n_keys), int(key_start)
         self.device, self.dtype = torch.device(device), dtype
-        self.rel = rows_host - self.key_start                           # positions within the keys
+        self.rel = rows_host - self.key_start          # [n] ascending, positions within the keys (host)
         if self.n_rows and (int(self.rel[0]) < 0 or int(self.rel[-1]) >= self.n_keys):
             raise ValueError("rows must lie within the keys")
         first, last = (int(rows_host[0]), int(rows_host[-1])) if self.n_rows else (0, -1)
