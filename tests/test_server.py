@@ -3,8 +3,6 @@
 One real server (the CLI, in a subprocess, on a free loopback port, with the real default model) for the module.
 """
 import asyncio
-import socket
-import subprocess
 import sys
 import time
 
@@ -13,8 +11,9 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from qcfuse.serve.loadgen import run_load
+from qcfuse.serve.loadgen import run_load, running_server
 from qcfuse.serve.schema import MAX_TOKENS_LIMIT
+from servers import free_port
 
 MODEL = "smollm2-135m"
 ORCHARD = ["The orchard on Hill Road grows pears and plums.", "Plums are harvested in late August.",
@@ -22,33 +21,12 @@ ORCHARD = ["The orchard on Hill Road grows pears and plums.", "Plums are harvest
 
 
 def _serve(tmp_path_factory, *extra):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "qcfuse", "serve", "--model", MODEL, "--port", str(port),
-                                 "--log_level", "warning", *extra], stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"qcfuse serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"qcfuse serve did not come up:\n{log.read_text()[-3000:]}")
-        time.sleep(0.25)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    cmd = [sys.executable, "-m", "qcfuse", "serve", "--model", MODEL, "--port", str(port), "--log_level", "warning",
+           *extra]
+    with running_server(cmd, f"http://127.0.0.1:{port}", log, timeout_s=240):
+        yield f"http://127.0.0.1:{port}"
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
 
 

@@ -6,9 +6,7 @@ fault never changes the answer. Redis is the real server (started by .ci/run; a 
 import errno
 import logging
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -29,6 +27,7 @@ from qcfuse.cache.keys import chunk_key
 from qcfuse.cache.kv import ChunkKV
 from qcfuse.cache.redis_tier import RedisTier
 from qcfuse.cache.store import MemoryTier, TieredStore, TierUnavailable
+from servers import free_port, redis_for_tests, start_redis
 
 FP = "fingerprint-of-model-a"
 DOCS = ["The lighthouse on Gull Island was built in 1871 and painted red in 1903.",
@@ -48,40 +47,11 @@ def _same(a: ChunkKV, b: ChunkKV) -> bool:
                                                                           b.extras["anchor_rank"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_redis(port: int) -> subprocess.Popen:
-    if not shutil.which("redis-server"):
-        pytest.fail("redis-server is not installed (apt-get install redis-server); .ci/run installs it")
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            return proc
-        except redis.exceptions.ConnectionError:
-            time.sleep(0.05)
-    proc.kill()
-    pytest.fail("could not start redis-server")
-
-
 @pytest.fixture(scope="module")
 def redis_url():
     """The shared test Redis (REDIS_URL, default loopback 6379, db 15); a private server when none answers."""
-    url = os.environ.get("QCFUSE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+    with redis_for_tests(os.environ.get("QCFUSE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")) as url:
         yield url
-    except redis.exceptions.ConnectionError:
-        port = _free_port()
-        proc = _start_redis(port)
-        yield f"redis://127.0.0.1:{port}/0"
-        proc.kill()
 
 
 @pytest.fixture
@@ -283,7 +253,7 @@ def test_two_writers_same_key_leave_one_clean_entry(tmp_path):
 # -- Redis down -----------------------------------------------------------------------------------------------------
 def test_redis_unreachable_at_start(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="qcfuse.cache"):
-        store = open_store(cache_dir=str(tmp_path / "kv"), redis_url=f"redis://127.0.0.1:{_free_port()}/0")
+        store = open_store(cache_dir=str(tmp_path / "kv"), redis_url=f"redis://127.0.0.1:{free_port()}/0")
         store.put("k1", FP, _entry())               # no exception
         assert store.open("k1", FP).tier == "memory"
         store.tiers[0].clear()
@@ -294,8 +264,8 @@ def test_redis_unreachable_at_start(tmp_path, caplog):
 
 
 def test_redis_killed_mid_read_raises_unavailable():
-    port = _free_port()
-    proc = _start_redis(port)
+    port = free_port()
+    proc = start_redis(port)
     tier = RedisTier(f"redis://127.0.0.1:{port}/0", timeout_s=0.5)
     tier.put("k1", FP, _entry())
     reader = tier.open("k1", FP)
@@ -371,8 +341,8 @@ def test_foreign_model_entry_is_recomputed(smollm2, reference, tmp_path, caplog)
 
 
 def test_redis_dies_mid_request(smollm2, reference, caplog):
-    port = _free_port()
-    proc = _start_redis(port)
+    port = free_port()
+    proc = start_redis(port)
     url = f"redis://127.0.0.1:{port}/0"
     FusionEngine(smollm2, store=open_store(redis_url=url)).prepare(DOCS)
     engine = FusionEngine(smollm2, store=open_store(redis_url=url), background_loading=False)

@@ -5,10 +5,13 @@ and the tests."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
+import subprocess
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 
@@ -43,15 +46,20 @@ class LoadReport:
 
     def percentile(self, q: float) -> float:
         """Nearest-rank percentile of the successful requests' latency (0.0 when there are none)."""
-        if not self.latencies_s:
-            return 0.0
-        ordered = sorted(self.latencies_s)
-        return ordered[min(len(ordered), max(1, math.ceil(q / 100 * len(ordered)))) - 1]
+        return percentile(self.latencies_s, q)
 
     def summary(self) -> str:
         return (f"clients {self.clients}, {self.duration_s:.1f} s: requests {self.sent}, ok {self.ok}, "
                 f"errors {self.errors}, lost {self.lost}, throughput {self.ok / self.duration_s:.2f} req/s, "
                 f"latency p50 {self.percentile(50):.3f} s, p99 {self.percentile(99):.3f} s")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (0.0 of nothing)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered), max(1, math.ceil(q / 100 * len(ordered)))) - 1]
 
 
 def chat_body(rng: random.Random, max_tokens: int, stream: bool, method: str | None = None,
@@ -113,3 +121,32 @@ async def _one_request(http: httpx.AsyncClient, body: dict, stream: bool) -> str
         lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
     whole = len(lines) >= 2 and lines[-1] == "data: [DONE]" and '"error"' not in lines[-2]
     return None if whole else f"stream cut short: {lines[-2:]}"
+
+
+@contextlib.contextmanager
+def running_server(cmd: list[str], url: str, log_path: Path, timeout_s: float = 600, **popen):
+    """Start a server process (output to `log_path`), wait until `url`/health answers 200, yield the process, and
+    stop it afterwards. A server that exits or never answers raises RuntimeError with the end of its log."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, **popen)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}:\n{Path(log_path).read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no answer from {url}/health in {timeout_s:.0f} s:\n"
+                                   f"{Path(log_path).read_text()[-3000:]}")
+            time.sleep(0.25)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
