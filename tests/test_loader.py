@@ -53,3 +53,12 @@ def test_bad_model_paths(tmp_path):
     shutil.copy(__file__, tmp_path / "fake.gguf")
     with pytest.raises(QcfuseError, match="could not load GGUF"):
         load_model(str(tmp_path / "fake.gguf"), quiet=True)
+
+
+def test_converted_directory_is_its_alias(smollm2):
+    """vLLM serves the converted directory; qcfuse loading that path must get the alias's QCFuse profile too."""
+    from qcfuse.model.loader import alias_of
+    directory = resolve_model_dir("smollm2-135m")
+    assert alias_of(str(directory), directory) == alias_of("smollm2-135m", directory) == "smollm2-135m"
+    assert load_model(str(directory), quiet=True).transformer.critical_layers == smollm2.transformer.critical_layers
+    assert smollm2.transformer.critical_layers

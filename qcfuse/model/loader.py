@@ -80,9 +80,22 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, qu
     from ..profile import load_profile
     directory = resolve_model_dir(spec, quiet=quiet)
     transformer = Transformer(_load_hf_dir(directory, dtype))
-    profile = load_profile(directory, spec if spec in ALIASES else None)
+    profile = load_profile(directory, alias_of(spec, directory))
     transformer.critical_layers = profile["critical_layers"] if profile else None   # read by QCFuse
     return LoadedModel(spec, transformer, _load_tokenizer(directory), directory=directory)
+
+
+def alias_of(spec: str, directory: Path) -> str | None:
+    """The built-in alias a model is, named or given as its converted directory (e.g. the path vLLM serves), so
+    both get the alias's shipped profile."""
+    if spec in ALIASES:
+        return spec
+    return next((a for a in ALIASES if (qcfuse_home() / "models" / a).resolve() == directory.resolve()), None)
+
+
+def load_tokenizer(spec: str = DEFAULT_MODEL):
+    """A model's tokenizer alone (clients that build prompts for a server need no weights)."""
+    return _load_tokenizer(resolve_model_dir(spec, quiet=True))
 
 
 def resolve_model_dir(spec: str, quiet: bool = False) -> Path:
