@@ -2,8 +2,9 @@
 from .engine import FusionEngine, Generation
 from .errors import QcfuseError
 from .fusion import SELECTORS, Selector, make_selector, register
+from .integrations.vllm_request import VllmPrompt, vllm_prompt
 from .model.loader import DEFAULT_MODEL, load_model
 
 __all__ = ["DEFAULT_MODEL", "FusionEngine", "Generation", "QcfuseError", "SELECTORS", "Selector",
-           "load_model", "make_selector", "register"]
+           "VllmPrompt", "load_model", "make_selector", "register", "vllm_prompt"]
 __version__ = "0.1.0"

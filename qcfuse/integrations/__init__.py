@@ -1,0 +1,1 @@
+"""Bridges to serving engines that run qcfuse's fusion inside them (vLLM)."""
