@@ -64,7 +64,7 @@ class QcfuseConnector(KVConnectorBase_V1):
         self.extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         # scheduler side
         self._plans: dict[str, FusionPlan | QcfuseError] = {}    # by request id, from first look to finish
-        self._pending: dict[str, tuple[Request, int]] = {}        # allocated this step: (request, first position)
+        self._pending: dict[str, int] = {}                        # allocated this step: first position to write
         self._loaded: dict[str, int] = {}                         # tokens the connector supplies, by request id
         self._rejected = 0
         # worker side
@@ -102,18 +102,18 @@ class QcfuseConnector(KVConnectorBase_V1):
         if plan is not None:
             self._loaded[request.request_id] = num_external_tokens
             if num_external_tokens > 0:
-                self._pending[request.request_id] = (request, plan.context_len - num_external_tokens)
+                self._pending[request.request_id] = plan.context_len - num_external_tokens
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = QcfuseConnectorMetadata()
         for new in scheduler_output.scheduled_new_reqs:
             if new.req_id in self._pending:
-                request, start = self._pending.pop(new.req_id)
+                start = self._pending.pop(new.req_id)
                 meta.loads.append(FusionLoad(new.req_id, self._plans[new.req_id], list(new.block_ids[0]), start))
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):     # resumed after preemption: new_block_ids are all its blocks
             if req_id in self._pending and req_id in cached.resumed_req_ids and cached.new_block_ids[i]:
-                request, start = self._pending.pop(req_id)
+                start = self._pending.pop(req_id)
                 meta.loads.append(FusionLoad(req_id, self._plans[req_id], list(cached.new_block_ids[i][0]), start))
         if self._pending:
             log.warning("qcfuse: %d allocated request(s) were not scheduled this step", len(self._pending))
