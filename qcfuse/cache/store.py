@@ -71,7 +71,7 @@ class MemoryReader(EntryReader):
         return self.entry.extras
 
     def layer(self, layer):
-        k, v = self.entry.k[layer], self.entry.v[layer]
+        k, v = self.entry.layer(layer)
         self.bytes_read += k.numel() * k.element_size() * 2
         return k, v
 

@@ -86,8 +86,7 @@ class Transformer:
         """Write reused pre-RoPE keys [Hkv, n, D] and values of positions start..start+n-1 into the buffer,
         rotating the keys straight into place (no temporary copy of the reused context per layer)."""
         n = k_pre.shape[1]
-        positions = torch.arange(start, start + n, device=self.device)
-        self.rope(layer, k_pre, positions, out=buffer.k[layer, :, start:start + n])
+        self.rope(layer, k_pre, range(start, start + n), out=buffer.k[layer, :, start:start + n])
         buffer.v[layer, :, start:start + n].copy_(v)
 
     def new_buffer(self, capacity: int):
