@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="a text file; one chunk per file, repeat for several (order is kept)")
     g.add_argument("--question", "-q", required=True)
     g.add_argument("--method", default="reuse", help="fullcomp, reuse, cacheblend, epic, ... (default: reuse)")
-    g.add_argument("--ratio", type=float, default=0.15, help="share of document tokens recomputed (default 0.15)")
+    _ratio_args(g)
     g.add_argument("--max_new_tokens", type=int, default=32)
     g.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. --opt anchor_ratio=0.1 --opt critical_layers=12,20,25 "
@@ -61,6 +61,21 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--n_critical", type=int, default=3)
     pr.add_argument("--out", help="where to write the profile (default: stored with the model)")
     pr.set_defaults(func=_profile)
+
+    ca = sub.add_parser("calibrate", help="calibrate ratio auto for a model: the attention share each fidelity "
+                                          "target needs, measured on a calibration set")
+    _model_args(ca)
+    ca.add_argument("--sets", required=True, metavar="NAME[A:B],...",
+                    help="calibration samples, e.g. musique_s[90:100],ruler_mv[0:4] (keep them out of what you report)")
+    ca.add_argument("--methods", default="qcfuse", help="query-aware methods to calibrate (default: qcfuse)")
+    ca.add_argument("--seed", type=int, default=1, help="seed of generated RULER samples (reports use 0)")
+    ca.add_argument("--tokens", type=int, default=4096, help="length of generated RULER samples")
+    ca.add_argument("--chunk_tokens", type=int, default=512, help="chunk size of generated RULER samples")
+    ca.add_argument("--data_dir", help="dataset directory (default: ../shared/data)")
+    ca.add_argument("--log", help="also write one JSON line per sample and method (what each needed)")
+    ca.add_argument("--out", help="profile file to update (default: the one stored with the model)")
+    ca.add_argument("--threads", type=int, help="torch CPU threads")
+    ca.set_defaults(func=_calibrate)
 
     c = sub.add_parser("check", help="numeric self-check of the engine against transformers on a model")
     _model_args(c)
@@ -128,13 +143,22 @@ def _options(pairs: list[str]) -> dict:
     return out
 
 
+def _ratio_args(p) -> None:
+    p.add_argument("--ratio", default="0.15",
+                   help="share of document tokens recomputed (default 0.15), or 'auto': per request, the fewest "
+                        "tokens the selector's scores say keep full prefill's first token (query-aware methods)")
+    p.add_argument("--target", type=float, help="--ratio auto: the calibrated first-token agreement to aim for "
+                                                "(default 0.99); bound it with --opt max_ratio=0.5")
+
+
 def _generate(args) -> int:
     from .engine import FusionEngine
     from .errors import QcfuseError
     from .fusion import make_selector
 
     docs = _read_documents(args.document)
-    selector = make_selector(args.method, args.ratio, **_options(args.opt))   # fail before loading the model
+    from .fusion.budget import ratio_spec
+    selector = make_selector(args.method, ratio_spec(args.ratio, args.target), **_options(args.opt))   # fail early
     if args.max_new_tokens < 1:
         raise QcfuseError("--max_new_tokens must be at least 1")
     t0 = time.perf_counter()
@@ -162,7 +186,8 @@ def _generate(args) -> int:
         print(json.dumps(out))
         return 0
     print(result.answer)
-    print(f"\n  method {out['method']} (ratio {out['ratio']:.2f}): recomputed {out['recomputed_tokens']} of "
+    ratio = f"{out['ratio']:.2f}" if isinstance(out["ratio"], float) else f"{out['ratio']}, chose {out['recomputed_share']:.3f}"
+    print(f"\n  method {out['method']} (ratio {ratio}): recomputed {out['recomputed_tokens']} of "
           f"{out['context_tokens']} document tokens (+{out['suffix_tokens']} suffix tokens)")
     print(f"  TTFT {out['ttft_s'] * 1000:.1f} ms, of which selection {out['selection_s'] * 1000:.1f} ms; "
           f"decode {out['new_tokens']} tokens in {out['decode_s']:.2f} s")
@@ -179,6 +204,59 @@ def _generate(args) -> int:
     return 0
 
 
+def _calibrate(args) -> int:
+    import re
+
+    import torch
+
+    from .engine import FusionEngine
+    from .errors import QcfuseError
+    from .eval.datasets import load_dataset
+    from .eval.sweep import parse_list
+    from .fusion import SELECTORS
+    from .model.profiles import PROFILE_FILE, update_profile
+    from .profile import calibrate_auto
+
+    methods = parse_list(args.methods, "methods")
+    for m in methods:
+        if m not in SELECTORS or not SELECTORS[m].query_aware:
+            raise QcfuseError(f"cannot calibrate '{m}': ratio auto needs a query-aware method "
+                              f"({', '.join(n for n, c in sorted(SELECTORS.items()) if c.query_aware)})")
+    sets = []
+    for item in parse_list(args.sets, "sets"):
+        found = re.fullmatch(r"([a-z0-9_]+)\[(\d+):(\d+)\]", item)
+        if not found or int(found[2]) >= int(found[3]):
+            raise QcfuseError(f"bad calibration set '{item}': expected NAME[A:B] with A < B, e.g. musique_s[90:100]")
+        sets.append((found[1], int(found[2]), int(found[3])))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = _load(args)
+    samples = []
+    for name, a, b in sets:
+        samples += load_dataset(name, args.data_dir, b, model=args.model, tokenizer=model.tokenizer,
+                                tokens=args.tokens, seed=args.seed, chunk_tokens=args.chunk_tokens)[a:b]
+    log = open(args.log, "a") if args.log else None
+    try:
+        result = calibrate_auto(FusionEngine(model), samples, methods,
+                                on_sample=lambda row: log and (log.write(json.dumps(row) + "\n"), log.flush()))
+    finally:
+        if log:
+            log.close()
+    out = Path(args.out) if args.out else model.directory / PROFILE_FILE
+    auto = {**(load_profile_auto(out)), **result["auto"]}
+    update_profile(out, {"auto": auto, "auto_sets": args.sets, "auto_seconds": result["seconds"]})
+    for method, table in result["auto"].items():
+        pairs = ", ".join(f"{t:g} -> {m:.3f}" for t, m in zip(table["targets"], table["mass"]))
+        print(f"{method}: attention share per target ({table['samples']} samples): {pairs}")
+    print(f"written to {out}")
+    return 0
+
+
+def load_profile_auto(path: Path) -> dict:
+    """Calibrations of other methods already in the profile (kept when one method is recalibrated)."""
+    return (json.loads(path.read_text()).get("auto") or {}) if path.is_file() else {}
+
+
 def _fetch(args) -> int:
     from .model.loader import resolve_model_dir
     print(f"{args.model}: ready in {resolve_model_dir(args.model)}")
@@ -187,13 +265,13 @@ def _fetch(args) -> int:
 
 def _profile(args) -> int:
     from .engine import FusionEngine
+    from .model.profiles import update_profile
     from .profile import PROFILE_FILE, musique_samples, profile_model
     samples = musique_samples(args.data, args.samples, args.passages)
     model = _load(args)
     result = profile_model(FusionEngine(model), samples, args.ratio, args.n_critical)
     out = Path(args.out) if args.out else model.directory / PROFILE_FILE
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, **result}, indent=1))
+    update_profile(out, {"model": args.model, **result})          # keeps ratio auto's calibration
     print("layer  mean KL")
     for layer, kl in enumerate(result["mean_kl_per_layer"]):
         print(f"{layer:5d}  {kl:.5f}{'  <- critical' if layer in result['critical_layers'] else ''}")
@@ -251,13 +329,14 @@ def _add_eval_commands(sub) -> None:
         if name == "eval":
             e.add_argument("--baseline", "--method", dest="method", required=True,
                            help="fullcomp, reuse, cacheblend, epic, prophetkv, fuserag, qcfuse")
-            e.add_argument("--ratio", type=float, default=0.15, help="share of document tokens recomputed")
+            e.add_argument("--ratio", default="0.15", help="share of document tokens recomputed, or auto[:TARGET]")
             e.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="a method option")
             e.add_argument("--out", help="results jsonl (default: results/{dataset}_{method}_r{ratio}.jsonl)")
             e.set_defaults(func=_eval)
         else:
             e.add_argument("--methods", required=True, help="comma-separated, e.g. reuse,cacheblend,qcfuse")
-            e.add_argument("--ratios", default="0.05,0.1,0.15,0.3,0.5")
+            e.add_argument("--ratios", default="0.05,0.1,0.15,0.3,0.5",
+                           help="shares, and auto[:TARGET] points for the query-aware methods, e.g. 0.1,0.3,auto:0.9")
             e.add_argument("--out_dir", help="default: results/sweep_{dataset}")
             e.add_argument("--report", action="store_true",
                            help="run nothing: rebuild table.md and tradeoff.png from the results already in "
@@ -292,15 +371,18 @@ def _eval_config(args, **extra):
 
 def _eval(args) -> int:
     from .eval.runner import run_eval
-    cfg = _eval_config(args, method=args.method, ratio=args.ratio, options=_options(args.opt), out=args.out)
+    from .fusion.budget import ratio_value
+    cfg = _eval_config(args, method=args.method, ratio=ratio_value(args.ratio), options=_options(args.opt),
+                       out=args.out)
     run_eval(cfg)
     return 0
 
 
 def _sweep(args) -> int:
     from .eval.sweep import parse_list, run_sweep
+    from .fusion.budget import ratio_value
     methods = parse_list(args.methods, "methods")
-    ratios = parse_list(args.ratios, "ratios", float)
+    ratios = parse_list(args.ratios, "ratios", ratio_value)
     if args.report:
         from .eval.sweep import report_finished
         report_finished(args.out_dir or f"results/sweep_{args.dataset}", args.dataset, methods, ratios)

@@ -163,6 +163,7 @@ class FusionEngine:
             "ttft_s": time.perf_counter() - t0,
             "selection_s": out.selection_s,
             "recomputed_tokens": int(out.recomputed.numel()),
+            "recomputed_share": int(out.recomputed.numel()) / max(1, layout.n_doc_tokens),   # what auto chose
             "context_tokens": layout.n_doc_tokens,
             "prompt_tokens": layout.n_tokens,
             "suffix_tokens": len(layout.suffix),

@@ -26,6 +26,7 @@ class Transformer:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.max_positions = cfg.max_position_embeddings
         self.critical_layers: list[int] | None = None    # QCFuse's profiled layers, when known
+        self.auto_calibration: dict | None = None        # ratio auto's calibrated attention shares, when known
         first = next(hf_model.parameters())
         self.dtype, self.device = first.dtype, first.device
         self.scattered_kernel: str | None = None       # None: attention.default_kernel(device) decides
