@@ -236,6 +236,7 @@ class Selector:
 
 
 SELECTORS: dict[str, type[Selector]] = {}
+DEFAULT_METHOD, DEFAULT_RATIO = "qcfuse", 0.15     # the CLI, the Python API and the server, when none is named
 
 
 def register(cls: type[Selector]) -> type[Selector]:
@@ -243,7 +244,7 @@ def register(cls: type[Selector]) -> type[Selector]:
     return cls
 
 
-def make_selector(name: str, ratio: float = 0.15, **options) -> Selector:
+def make_selector(name: str, ratio: float = DEFAULT_RATIO, **options) -> Selector:
     if name not in SELECTORS:
         raise QcfuseError(f"unknown method '{name}' (choose from: {', '.join(sorted(SELECTORS))})")
     try:
