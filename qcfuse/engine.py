@@ -22,7 +22,7 @@ from .cache.keys import chunk_key
 from .cache.kv import ChunkKV
 from .cache.loader import ChunkSource, LayerLoader
 from .cache.store import MemoryReader, TieredStore
-from .decoding import Answers, Decoding
+from .decoding import Answers
 from .errors import QcfuseError
 from .fusion import DEFAULT_METHOD, DEFAULT_RATIO, SELECTORS, ReusedKV, Selector, make_selector
 from .fusion.fuse import FuseResult, fuse, synchronize

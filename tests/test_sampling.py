@@ -108,9 +108,9 @@ def test_default_greedy_is_the_plain_argmax_loop(smollm2, smollm2_engine, layout
 
 def test_python_api_defaults_to_qcfuse_and_takes_sampling(smollm2_engine):
     assert (DEFAULT_METHOD, DEFAULT_RATIO) == ("qcfuse", 0.15)
-    gen = smollm2_engine.generate(DOCS, QUESTION, max_new_tokens=4)
+    gen = smollm2_engine.generate(DOCS, QUESTION, max_new_tokens=1)
     assert (gen.stats["method"], gen.stats["ratio"]) == ("qcfuse", 0.15)
-    sampled = [smollm2_engine.generate(DOCS, QUESTION, max_new_tokens=12,
+    sampled = [smollm2_engine.generate(DOCS, QUESTION, max_new_tokens=8,
                                        sampling=SamplingParams(temperature=1.5, seed=seed)).token_ids
                for seed in (1, 1, 2, 3)]
     assert sampled[0] == sampled[1]                      # same seed, same answer
@@ -155,13 +155,13 @@ def test_logprobs_are_the_models_distribution(smollm2_engine, layout):
 
 def test_n_answers_from_one_prefill(smollm2_engine, layout):
     selector = make_selector("qcfuse", 0.15)
-    greedy = smollm2_engine.generate_layout(layout, selector, 10)
-    gen = smollm2_engine.generate_layout(layout, selector, 10, sampling=SamplingParams(n=3, temperature=1.2, seed=5))
+    greedy = smollm2_engine.generate_layout(layout, selector, 6)
+    gen = smollm2_engine.generate_layout(layout, selector, 6, sampling=SamplingParams(n=3, temperature=1.2, seed=5))
     assert len(gen.choices) == 3 and gen.answer == gen.choices[0].text
     assert gen.stats["new_tokens"] == sum(len(c.token_ids) for c in gen.choices)
     assert len({tuple(c.token_ids) for c in gen.choices}) >= 2
     # the answers share the prompt's buffer: greedy choices after sampled ones are still the greedy answer
-    again = smollm2_engine.generate_layout(layout, selector, 10, sampling=SamplingParams(n=2))
+    again = smollm2_engine.generate_layout(layout, selector, 6, sampling=SamplingParams(n=2))
     assert again.choices[0].token_ids == again.choices[1].token_ids == greedy.token_ids
 
 
@@ -181,16 +181,12 @@ def test_cli_default_method_and_sampling_options(doc_files, capsys):
     assert main(args) == 0
     plain = json.loads(capsys.readouterr().out)
     assert (plain["method"], plain["ratio"], plain["finish_reason"]) == ("qcfuse", 0.15, "stop")
-    assert main(args + ["--stop", "1975", "--logprobs", "--top_logprobs", "2"]) == 0
+    assert main(args + ["--stop", "1975", "--logprobs", "--top_logprobs", "2", "--n", "2"]) == 0
     cut = json.loads(capsys.readouterr().out)
     assert cut["finish_reason"] == "stop" and "1975" not in cut["answer"] and plain["answer"].startswith(cut["answer"])
     assert len(cut["logprobs"]) >= 1 and len(cut["logprobs"][0]["top_logprobs"]) == 2
-    seeded = [args + ["--temperature", "1.5", "--seed", "11", "--n", "2"] for _ in range(2)]
-    outs = []
-    for a in seeded:
-        assert main(a) == 0
-        outs.append(json.loads(capsys.readouterr().out))
-    assert outs[0]["choices"] == outs[1]["choices"] and len(outs[0]["choices"]) == 2
+    assert [c["answer"] for c in cut["choices"]] == [cut["answer"]] * 2          # greedy twice: the same answer
+    assert cut["new_tokens"] > 2 * len(cut["logprobs"])     # the stop text's tokens were decoded, not returned
 
 
 def test_cli_help_states_the_default_method(capsys):
