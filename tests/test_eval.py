@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from qcfuse import FusionEngine
+from qcfuse.cache import open_store
 from qcfuse.cli import main
 from qcfuse.errors import QcfuseError
 from qcfuse.eval import ruler
@@ -219,7 +221,7 @@ def test_eval_end_to_end_with_resume(tmp_path, capsys, smollm2_engine):
         assert r["method"] == "cacheblend" and r["ratio"] == 0.3 and r["metric"] == "qa_f1"
         assert 0 <= r["score"] <= 1 and 0 <= r["rougeL"] <= 1 and r["kl"] >= 0
         assert r["recomputed_tokens"] == round(0.3 * r["context_tokens"]) and r["ttft_s"] > 0
-        assert r["cache_misses"] == 0 and r["new_tokens"] <= 4
+        assert r["cache_misses"] == r["cache_corrupt"] == 0 and r["cache_hits"] > 0 and r["new_tokens"] <= 4
     refs = sorted((cache / "refs").glob("*.pt"))
     assert len(refs) == 2
     assert "over 2 samples" in text and "TTFT" in text
@@ -249,6 +251,18 @@ def test_eval_end_to_end_with_resume(tmp_path, capsys, smollm2_engine):
 
     rc, _, err = _cli(capsys, *args[:-1], str(full_out))                                   # another run's file
     assert rc == 2 and "holds results of another run" in err
+
+    # broken chunk caches: the rows count them as misses (and corrupt), never as hits
+    for part in (cache / "entries").glob("*/*/layer.5.safetensors"):
+        blob = bytearray(part.read_bytes())
+        blob[len(blob) // 2] ^= 0x01
+        part.write_bytes(bytes(blob))
+    summary = run_eval(EvalConfig(method="cacheblend", ratio=0.3, out=str(tmp_path / "broken.jsonl"), **cfg),
+                       engine=FusionEngine(smollm2_engine.model, store=open_store(str(cache))))
+    broken = read_rows(tmp_path / "broken.jsonl")
+    assert summary["n"] == 2 and broken[0]["cache_corrupt"] == broken[0]["cache_misses"] > 0
+    assert broken[0]["cache_hits"] == 0
+    assert [r["prediction"] for r in broken] == [r["prediction"] for r in rows]        # recomputed: same answers
 
 
 def test_sweep_writes_table_and_plot(tmp_path, capsys):

@@ -6,9 +6,7 @@ fault never changes the answer. Redis is the real server (started by .ci/run; a 
 import errno
 import logging
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -29,6 +27,7 @@ from qcfuse.cache.keys import chunk_key
 from qcfuse.cache.kv import ChunkKV
 from qcfuse.cache.redis_tier import RedisTier
 from qcfuse.cache.store import MemoryTier, TieredStore, TierUnavailable
+from servers import free_port, start_redis
 
 FP = "fingerprint-of-model-a"
 DOCS = ["The lighthouse on Gull Island was built in 1871 and painted red in 1903.",
@@ -48,28 +47,6 @@ def _same(a: ChunkKV, b: ChunkKV) -> bool:
                                                                           b.extras["anchor_rank"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_redis(port: int) -> subprocess.Popen:
-    if not shutil.which("redis-server"):
-        pytest.fail("redis-server is not installed (apt-get install redis-server); .ci/run installs it")
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            return proc
-        except redis.exceptions.ConnectionError:
-            time.sleep(0.05)
-    proc.kill()
-    pytest.fail("could not start redis-server")
-
-
 @pytest.fixture(scope="module")
 def redis_url():
     """The shared test Redis (REDIS_URL, default loopback 6379, db 15); a private server when none answers."""
@@ -78,8 +55,8 @@ def redis_url():
         redis.Redis.from_url(url, socket_connect_timeout=1).ping()
         yield url
     except redis.exceptions.ConnectionError:
-        port = _free_port()
-        proc = _start_redis(port)
+        port = free_port()
+        proc = start_redis(port)
         yield f"redis://127.0.0.1:{port}/0"
         proc.kill()
 
@@ -283,7 +260,7 @@ def test_two_writers_same_key_leave_one_clean_entry(tmp_path):
 # -- Redis down -----------------------------------------------------------------------------------------------------
 def test_redis_unreachable_at_start(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="qcfuse.cache"):
-        store = open_store(cache_dir=str(tmp_path / "kv"), redis_url=f"redis://127.0.0.1:{_free_port()}/0")
+        store = open_store(cache_dir=str(tmp_path / "kv"), redis_url=f"redis://127.0.0.1:{free_port()}/0")
         store.put("k1", FP, _entry())               # no exception
         assert store.open("k1", FP).tier == "memory"
         store.tiers[0].clear()
@@ -294,8 +271,8 @@ def test_redis_unreachable_at_start(tmp_path, caplog):
 
 
 def test_redis_killed_mid_read_raises_unavailable():
-    port = _free_port()
-    proc = _start_redis(port)
+    port = free_port()
+    proc = start_redis(port)
     tier = RedisTier(f"redis://127.0.0.1:{port}/0", timeout_s=0.5)
     tier.put("k1", FP, _entry())
     reader = tier.open("k1", FP)
@@ -318,6 +295,12 @@ def reference(smollm2):
 
 def _run(engine, method="qcfuse"):
     return engine.generate_layout(engine.layout(DOCS, QUESTION), make_selector(method, 0.3), 8)
+
+
+def _recomputed_in(gen, engine, chunk: int) -> int:
+    """How many of the recomputed positions fall inside one chunk of the request's prompt."""
+    start, end = engine.layout(DOCS, QUESTION).chunk_spans()[chunk]
+    return int(((gen.recomputed >= start) & (gen.recomputed < end)).sum())
 
 
 def _same_result(a, b) -> bool:
@@ -354,6 +337,14 @@ def test_corrupt_entry_is_recomputed_with_a_warning(smollm2, reference, tmp_path
     assert _same_result(gen, reference)
     assert gen.stats["chunks_recomputed"] == 1
     assert "dropping cache entry" in caplog.text
+    # the broken chunk was recomputed: a miss and a corrupt entry, not a hit (and its tokens are not cached)
+    stats = gen.stats
+    assert (stats["cache_hits"], stats["cache_misses"], stats["cache_corrupt"]) == (2, 1, 1)
+    assert stats["hits_by_tier"] == {"disk": 2}
+    broken = len(engine.layout(DOCS, QUESTION).chunks[1])
+    assert stats["cached_tokens"] == stats["prompt_tokens"] - stats["suffix_tokens"] - broken \
+        - stats["recomputed_tokens"] + _recomputed_in(gen, engine, 1)
+    assert engine.store.corrupt == 1 and engine.store.hits["disk"] == 3 and engine.store.misses == 1
     fresh = DiskTier(root).open(key, smollm2.fingerprint)         # removed, then written again, clean
     assert all(fresh.layer(l) is not None for l in range(fresh.n_layers))
 
@@ -368,28 +359,32 @@ def test_foreign_model_entry_is_recomputed(smollm2, reference, tmp_path, caplog)
         gen = _run(engine)
     assert "another model" in caplog.text
     assert gen.stats["cache_misses"] == 3 and _same_result(gen, reference)
+    assert gen.stats["cache_corrupt"] == 1 and engine.store.corrupt == 1
 
 
 def test_redis_dies_mid_request(smollm2, reference, caplog):
-    port = _free_port()
-    proc = _start_redis(port)
+    port = free_port()
+    proc = start_redis(port)
     url = f"redis://127.0.0.1:{port}/0"
     FusionEngine(smollm2, store=open_store(redis_url=url)).prepare(DOCS)
     engine = FusionEngine(smollm2, store=open_store(redis_url=url), background_loading=False)
-    real_open = engine.store.open
+    real_lookup = engine.store.lookup
 
-    def open_then_kill(key, fingerprint):       # the entry is found in Redis, then Redis goes away
-        reader = real_open(key, fingerprint)
-        if proc.poll() is None and reader is not None and reader.tier == "redis":
+    def lookup_then_kill(key, fingerprint):     # the entry is found in Redis, then Redis goes away
+        found = real_lookup(key, fingerprint)
+        if proc.poll() is None and found.reader is not None and found.reader.tier == "redis":
             proc.kill()
             proc.wait()
-        return reader
-    engine.store.open = open_then_kill
+        return found
+    engine.store.lookup = lookup_then_kill
     with caplog.at_level(logging.WARNING, logger="qcfuse.cache"):
         gen = _run(engine)
     assert proc.poll() is not None
     assert _same_result(gen, reference)
     assert gen.stats["chunks_recomputed"] >= 1 and "went away" in caplog.text
+    # nothing came whole from a cache: every chunk is a miss, none of them corrupt (the tier went away)
+    assert (gen.stats["cache_hits"], gen.stats["cache_misses"], gen.stats["cache_corrupt"]) == (0, 3, 0)
+    assert gen.stats["cached_tokens"] == 0 and engine.store.hits["redis"] == 0
     again = _run(engine)                         # Redis still down: local tiers serve
     assert _same_result(again, reference)
 

@@ -280,6 +280,7 @@ def run_eval(cfg: EvalConfig, engine=None, samples: list[Sample] | None = None, 
                        "recomputed_share": stats.get("recomputed_share"),
                        "context_tokens": stats.get("context_tokens"), "prompt_tokens": stats.get("prompt_tokens"),
                        "cache_hits": stats.get("cache_hits"), "cache_misses": stats.get("cache_misses"),
+                       "cache_corrupt": stats.get("cache_corrupt"),
                        "hits_by_tier": stats.get("hits_by_tier"), "bytes_loaded": stats.get("bytes_loaded"),
                        "decode_s": stats.get("decode_s"), "new_tokens": stats.get("new_tokens"),
                        "dropped_passages": dropped, "threads": torch.get_num_threads()}

@@ -263,6 +263,7 @@ class Selector:
 
 
 SELECTORS: dict[str, type[Selector]] = {}
+DEFAULT_METHOD, DEFAULT_RATIO = "qcfuse", 0.15     # the CLI, the Python API and the server, when none is named
 
 
 def register(cls: type[Selector]) -> type[Selector]:
@@ -270,7 +271,7 @@ def register(cls: type[Selector]) -> type[Selector]:
     return cls
 
 
-def make_selector(name: str, ratio: float | str = 0.15, **options) -> Selector:
+def make_selector(name: str, ratio: float | str = DEFAULT_RATIO, **options) -> Selector:
     """A selector by name; ratio is a share in [0, 1] or "auto[:TARGET]" (then options may bound it with
     max_ratio and min_ratio)."""
     if name not in SELECTORS:

@@ -25,6 +25,7 @@ class Transformer:
         self.n_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.max_positions = cfg.max_position_embeddings
+        self.vocab_size = hf_model.get_output_embeddings().weight.shape[0]     # logits per position
         self.critical_layers: list[int] | None = None    # QCFuse's profiled layers, when known
         self.auto_calibration: dict | None = None        # ratio auto's calibrated attention shares, when known
         first = next(hf_model.parameters())
