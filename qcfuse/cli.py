@@ -36,8 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--document", "-d", action="append", required=True, metavar="FILE",
                    help="a text file; one chunk per file, repeat for several (order is kept)")
     g.add_argument("--question", "-q", required=True)
-    g.add_argument("--method", default="reuse", help="fullcomp, reuse, cacheblend, epic, ... (default: reuse)")
-    g.add_argument("--ratio", type=float, default=0.15, help="share of document tokens recomputed (default 0.15)")
+    _method_args(g, "fusion method")
     g.add_argument("--max_new_tokens", type=int, default=32)
     g.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. --opt anchor_ratio=0.1 --opt critical_layers=12,20,25 "
@@ -45,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--compare", action="store_true",
                    help="also run full prefill and report the speedup and whether the answers agree")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    _sampling_args(g)
     _store_args(g)
     g.set_defaults(func=_generate)
 
@@ -61,6 +61,21 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--n_critical", type=int, default=3)
     pr.add_argument("--out", help="where to write the profile (default: stored with the model)")
     pr.set_defaults(func=_profile)
+
+    ca = sub.add_parser("calibrate", help="calibrate ratio auto for a model: the attention share each fidelity "
+                                          "target needs, measured on a calibration set")
+    _model_args(ca)
+    ca.add_argument("--sets", required=True, metavar="NAME[A:B],...",
+                    help="calibration samples, e.g. musique_s[90:100],ruler_mv[0:4] (keep them out of what you report)")
+    ca.add_argument("--methods", default="qcfuse", help="query-aware methods to calibrate (default: qcfuse)")
+    ca.add_argument("--seed", type=int, default=1, help="seed of generated RULER samples (reports use 0)")
+    ca.add_argument("--tokens", type=int, default=4096, help="length of generated RULER samples")
+    ca.add_argument("--chunk_tokens", type=int, default=512, help="chunk size of generated RULER samples")
+    ca.add_argument("--data_dir", help="dataset directory (default: ../shared/data)")
+    ca.add_argument("--log", help="also write one JSON line per sample and method (what each needed)")
+    ca.add_argument("--out", help="profile file to update (default: the one stored with the model)")
+    ca.add_argument("--threads", type=int, help="torch CPU threads")
+    ca.set_defaults(func=_calibrate)
 
     c = sub.add_parser("check", help="numeric self-check of the engine against transformers on a model")
     _model_args(c)
@@ -79,6 +94,52 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help=f"built-in alias ({DEFAULT_MODEL}), a local HF model directory, or a .gguf file")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+
+
+def _method_args(p: argparse.ArgumentParser, what: str) -> None:
+    from .fusion import DEFAULT_METHOD, DEFAULT_RATIO, SELECTORS
+    p.add_argument("--method", default=DEFAULT_METHOD,
+                   help=f"{what}: {', '.join(sorted(SELECTORS))} (default: {DEFAULT_METHOD})")
+    p.add_argument("--ratio", default=str(DEFAULT_RATIO),
+                   help=f"share of document tokens recomputed (default: {DEFAULT_RATIO}), or 'auto': per request, "
+                        "the fewest tokens the selector's scores say keep full prefill's first token "
+                        "(query-aware methods; see --target)")
+    p.add_argument("--target", type=float, help="--ratio auto: the calibrated first-token agreement to aim for "
+                                                "(default 0.99); bound it with --opt max_ratio=0.5")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    """The sampling options of OpenAI's API, under the same names (qcfuse/sampling.py)."""
+    s = p.add_argument_group("sampling (as in OpenAI's API; default: greedy)")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), up to 2")
+    s.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens "
+                                                            "whose probability reaches this (default 1)")
+    s.add_argument("--seed", type=int, help="seed of the sampler: same seed, same answer")
+    s.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop before this text (repeat, up to 4); it is not part of the answer")
+    s.add_argument("--presence_penalty", type=float, default=0.0, help="-2..2 (default 0)")
+    s.add_argument("--frequency_penalty", type=float, default=0.0, help="-2..2 (default 0)")
+    s.add_argument("--logit_bias", action="append", default=[], metavar="TOKEN_ID=BIAS",
+                   help="add BIAS (-100..100) to a token's logit (repeat)")
+    s.add_argument("--logprobs", action="store_true", help="report each answer token's log-probability")
+    s.add_argument("--top_logprobs", type=int, default=0, help="with --logprobs: the N most likely tokens at "
+                                                               "each step too (0..20)")
+    s.add_argument("--n", type=int, default=1, help="number of answers (1..8; one prefill for all)")
+
+
+def _sampling(args):
+    from .errors import QcfuseError
+    from .sampling import SamplingParams
+    bias = {}
+    for pair in args.logit_bias:
+        token, _, value = pair.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise QcfuseError(f"--logit_bias expects TOKEN_ID=BIAS, got '{pair}'") from None
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop),
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          logit_bias=bias, logprobs=args.logprobs, top_logprobs=args.top_logprobs, n=args.n)
 
 
 def _load(args):
@@ -134,13 +195,16 @@ def _generate(args) -> int:
     from .fusion import make_selector
 
     docs = _read_documents(args.document)
-    selector = make_selector(args.method, args.ratio, **_options(args.opt))   # fail before loading the model
+    from .fusion.budget import ratio_spec
+    selector = make_selector(args.method, ratio_spec(args.ratio, args.target), **_options(args.opt))   # fail early
+    sampling = _sampling(args)
     if args.max_new_tokens < 1:
         raise QcfuseError("--max_new_tokens must be at least 1")
+    store = _open_store(args)
     t0 = time.perf_counter()
     model = _load(args)
     load_s = time.perf_counter() - t0
-    engine = FusionEngine(model, store=_open_store(args))
+    engine = FusionEngine(model, store=store)
     layout = engine.layout(docs, args.question)
     engine.check_fits(layout, args.max_new_tokens)
 
@@ -148,11 +212,17 @@ def _generate(args) -> int:
     prepared = engine.prepare(docs, progress=not args.json) if selector.uses_cache else 0    # the offline step, timed apart
     prepare_s = time.perf_counter() - t0
     engine.warmup()
-    result = engine.generate_layout(layout, selector, args.max_new_tokens)
-    out = {"answer": result.answer, **result.stats, "model": args.model, "load_s": load_s,
-           "prepared_chunks": prepared, "prepare_s": prepare_s}
+    result = engine.generate_layout(layout, selector, args.max_new_tokens, sampling=sampling)
+    out = {"answer": result.answer, "finish_reason": result.finish_reason, **result.stats, "model": args.model,
+           "load_s": load_s, "prepared_chunks": prepared, "prepare_s": prepare_s}
+    if sampling.logprobs:
+        out["logprobs"] = [_logprob_json(lp) for lp in result.logprobs]
+    if sampling.n > 1:
+        out["choices"] = [{"answer": c.text, "finish_reason": c.finish_reason,
+                           **({"logprobs": [_logprob_json(lp) for lp in c.logprobs]} if sampling.logprobs else {})}
+                          for c in result.choices]
     if args.compare:
-        full = engine.generate_layout(layout, make_selector("fullcomp"), args.max_new_tokens)
+        full = engine.generate_layout(layout, make_selector("fullcomp"), args.max_new_tokens, sampling=sampling)
         out["fullcomp_answer"] = full.answer
         out["fullcomp_ttft_s"] = full.stats["ttft_s"]
         out["speedup"] = full.stats["ttft_s"] / result.stats["ttft_s"]
@@ -161,13 +231,21 @@ def _generate(args) -> int:
     if args.json:
         print(json.dumps(out))
         return 0
-    print(result.answer)
-    print(f"\n  method {out['method']} (ratio {out['ratio']:.2f}): recomputed {out['recomputed_tokens']} of "
+    if sampling.n > 1:
+        for i, choice in enumerate(result.choices):
+            print(f"[{i + 1}] {choice.text}")
+    else:
+        print(result.answer)
+    if sampling.logprobs:
+        print("\n  logprobs: " + ", ".join(f"{lp.token!r} {lp.logprob:.3f}" for lp in result.logprobs))
+    ratio = f"{out['ratio']:.2f}" if isinstance(out["ratio"], float) else f"{out['ratio']}, chose {out['recomputed_share']:.3f}"
+    print(f"\n  method {out['method']} (ratio {ratio}): recomputed {out['recomputed_tokens']} of "
           f"{out['context_tokens']} document tokens (+{out['suffix_tokens']} suffix tokens)")
     print(f"  TTFT {out['ttft_s'] * 1000:.1f} ms, of which selection {out['selection_s'] * 1000:.1f} ms; "
           f"decode {out['new_tokens']} tokens in {out['decode_s']:.2f} s")
     tiers = ", ".join(f"{n} {t}" for t, n in out["hits_by_tier"].items()) or "none"
-    print(f"  chunk cache: {out['cache_hits']} hits (by tier: {tiers}), {out['cache_misses']} misses "
+    corrupt = f", {out['cache_corrupt']} of them broken entries, dropped" if out["cache_corrupt"] else ""
+    print(f"  chunk cache: {out['cache_hits']} hits (by tier: {tiers}), {out['cache_misses']} misses{corrupt} "
           f"({prepared} chunks prepared offline in {prepare_s:.2f} s); {out['bytes_loaded'] / 1e6:.1f} MB loaded, "
           f"{out['io_wait_s'] * 1000:.1f} ms waiting on I/O; model loaded in {load_s:.1f} s")
     if args.compare:
@@ -179,6 +257,64 @@ def _generate(args) -> int:
     return 0
 
 
+def _calibrate(args) -> int:
+    import re
+
+    import torch
+
+    from .engine import FusionEngine
+    from .errors import QcfuseError
+    from .eval.datasets import load_dataset
+    from .eval.sweep import parse_list
+    from .fusion import SELECTORS
+    from .model.profiles import PROFILE_FILE, update_profile
+    from .profile import calibrate_auto
+
+    methods = parse_list(args.methods, "methods")
+    for m in methods:
+        if m not in SELECTORS or not SELECTORS[m].query_aware:
+            raise QcfuseError(f"cannot calibrate '{m}': ratio auto needs a query-aware method "
+                              f"({', '.join(n for n, c in sorted(SELECTORS.items()) if c.query_aware)})")
+    sets = []
+    for item in parse_list(args.sets, "sets"):
+        found = re.fullmatch(r"([a-z0-9_]+)\[(\d+):(\d+)\]", item)
+        if not found or int(found[2]) >= int(found[3]):
+            raise QcfuseError(f"bad calibration set '{item}': expected NAME[A:B] with A < B, e.g. musique_s[90:100]")
+        sets.append((found[1], int(found[2]), int(found[3])))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = _load(args)
+    samples = []
+    for name, a, b in sets:
+        samples += load_dataset(name, args.data_dir, b, model=args.model, tokenizer=model.tokenizer,
+                                tokens=args.tokens, seed=args.seed, chunk_tokens=args.chunk_tokens)[a:b]
+    log = open(args.log, "a") if args.log else None
+    try:
+        result = calibrate_auto(FusionEngine(model), samples, methods,
+                                on_sample=lambda row: log and (log.write(json.dumps(row) + "\n"), log.flush()))
+    finally:
+        if log:
+            log.close()
+    out = Path(args.out) if args.out else model.directory / PROFILE_FILE
+    auto = {**(load_profile_auto(out)), **result["auto"]}
+    update_profile(out, {"auto": auto, "auto_sets": args.sets, "auto_seconds": result["seconds"]})
+    for method, table in result["auto"].items():
+        pairs = ", ".join(f"{t:g} -> {m:.3f}" for t, m in zip(table["targets"], table["mass"]))
+        print(f"{method}: attention share per target ({table['samples']} samples): {pairs}")
+    print(f"written to {out}")
+    return 0
+
+
+def load_profile_auto(path: Path) -> dict:
+    """Calibrations of other methods already in the profile (kept when one method is recalibrated)."""
+    return (json.loads(path.read_text()).get("auto") or {}) if path.is_file() else {}
+
+
+def _logprob_json(lp) -> dict:
+    return {"token": lp.token, "token_id": lp.token_id, "logprob": lp.logprob,
+            "top_logprobs": [{"token": text, "token_id": i, "logprob": v} for i, text, v in lp.top]}
+
+
 def _fetch(args) -> int:
     from .model.loader import resolve_model_dir
     print(f"{args.model}: ready in {resolve_model_dir(args.model)}")
@@ -187,13 +323,13 @@ def _fetch(args) -> int:
 
 def _profile(args) -> int:
     from .engine import FusionEngine
+    from .model.profiles import update_profile
     from .profile import PROFILE_FILE, musique_samples, profile_model
     samples = musique_samples(args.data, args.samples, args.passages)
     model = _load(args)
     result = profile_model(FusionEngine(model), samples, args.ratio, args.n_critical)
     out = Path(args.out) if args.out else model.directory / PROFILE_FILE
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, **result}, indent=1))
+    update_profile(out, {"model": args.model, **result})          # keeps ratio auto's calibration
     print("layer  mean KL")
     for layer, kl in enumerate(result["mean_kl_per_layer"]):
         print(f"{layer:5d}  {kl:.5f}{'  <- critical' if layer in result['critical_layers'] else ''}")
@@ -246,18 +382,18 @@ def _add_eval_commands(sub) -> None:
         e.add_argument("--chunk_tokens", type=int, help="RULER on the fly: tokens per chunk (default 512)")
         e.add_argument("--seed", type=int, default=0, help="RULER on the fly: seed")
         e.add_argument("--quiet", action="store_true", help="no progress bars")
-        e.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; 1 avoids "
-                                                   "oversubscription on shared cores)")
+        _threads_arg(e)
         if name == "eval":
             e.add_argument("--baseline", "--method", dest="method", required=True,
                            help="fullcomp, reuse, cacheblend, epic, prophetkv, fuserag, qcfuse")
-            e.add_argument("--ratio", type=float, default=0.15, help="share of document tokens recomputed")
+            e.add_argument("--ratio", default="0.15", help="share of document tokens recomputed, or auto[:TARGET]")
             e.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="a method option")
             e.add_argument("--out", help="results jsonl (default: results/{dataset}_{method}_r{ratio}.jsonl)")
             e.set_defaults(func=_eval)
         else:
             e.add_argument("--methods", required=True, help="comma-separated, e.g. reuse,cacheblend,qcfuse")
-            e.add_argument("--ratios", default="0.05,0.1,0.15,0.3,0.5")
+            e.add_argument("--ratios", default="0.05,0.1,0.15,0.3,0.5",
+                           help="shares, and auto[:TARGET] points for the query-aware methods, e.g. 0.1,0.3,auto:0.9")
             e.add_argument("--out_dir", help="default: results/sweep_{dataset}")
             e.add_argument("--report", action="store_true",
                            help="run nothing: rebuild table.md and tradeoff.png from the results already in "
@@ -277,14 +413,24 @@ def _data_ruler(args) -> int:
     return 0
 
 
-def _eval_config(args, **extra):
-    from .eval.runner import EvalConfig
+def _threads_arg(p: argparse.ArgumentParser, what: str = "torch intra-op threads") -> None:
+    p.add_argument("--threads", type=int, help=f"{what} (default: torch's; 1 avoids oversubscription on shared "
+                                               "cores)")
+
+
+def _set_threads(args) -> None:
     if args.threads is not None:
         import torch
+
+        from .errors import QcfuseError
         if args.threads < 1:
-            from .errors import QcfuseError
             raise QcfuseError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
+
+
+def _eval_config(args, **extra):
+    from .eval.runner import EvalConfig
+    _set_threads(args)
     return EvalConfig(dataset=args.dataset, size=args.size, data_dir=args.data_dir, cache_dir=args.cache_dir,
                       model=args.model, dtype=args.dtype, max_new_tokens=args.max_new_tokens, tokens=args.tokens,
                       seed=args.seed, chunk_tokens=args.chunk_tokens, progress=not args.quiet, **extra)
@@ -292,15 +438,18 @@ def _eval_config(args, **extra):
 
 def _eval(args) -> int:
     from .eval.runner import run_eval
-    cfg = _eval_config(args, method=args.method, ratio=args.ratio, options=_options(args.opt), out=args.out)
+    from .fusion.budget import ratio_value
+    cfg = _eval_config(args, method=args.method, ratio=ratio_value(args.ratio), options=_options(args.opt),
+                       out=args.out)
     run_eval(cfg)
     return 0
 
 
 def _sweep(args) -> int:
     from .eval.sweep import parse_list, run_sweep
+    from .fusion.budget import ratio_value
     methods = parse_list(args.methods, "methods")
-    ratios = parse_list(args.ratios, "ratios", float)
+    ratios = parse_list(args.ratios, "ratios", ratio_value)
     if args.report:
         from .eval.sweep import report_finished
         report_finished(args.out_dir or f"results/sweep_{args.dataset}", args.dataset, methods, ratios)
@@ -315,14 +464,21 @@ def _store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache_dir", help="keep chunk caches in this directory (survives restarts)")
     p.add_argument("--redis_url", help="share chunk caches through Redis, e.g. redis://localhost:6379/0")
     p.add_argument("--disk_gb", type=float, default=64.0, help="cap of the --cache_dir tier in GB (LRU; default 64)")
+    p.add_argument("--memory_gb", type=float, default=4.0,
+                   help="cap of the in-process memory tier in GB (LRU; default 4; 0 keeps nothing in memory)")
 
 
 def _open_store(args):
+    import math
+
     from .cache import open_store
     from .errors import QcfuseError
-    if args.disk_gb <= 0:
+    if not math.isfinite(args.disk_gb) or args.disk_gb <= 0:
         raise QcfuseError("--disk_gb must be positive")
-    return open_store(cache_dir=args.cache_dir, redis_url=args.redis_url, disk_bytes=int(args.disk_gb * 1e9))
+    if not math.isfinite(args.memory_gb) or args.memory_gb < 0:
+        raise QcfuseError("--memory_gb must be 0 or more")
+    return open_store(cache_dir=args.cache_dir, redis_url=args.redis_url, disk_bytes=int(args.disk_gb * 1e9),
+                      memory_bytes=int(args.memory_gb * 1e9))
 
 
 def _add_cache_commands(sub) -> None:
@@ -394,34 +550,48 @@ def _cache(args) -> int:
 
 # -- serving: qcfuse serve (logic in qcfuse/serve) --------------------------------------------------------------
 def _add_serve_command(sub) -> None:
-    sv = sub.add_parser("serve", help="OpenAI-compatible chat completions server; documents become cached chunks")
+    sv = sub.add_parser("serve", help="OpenAI-compatible server (chat and text completions); documents become "
+                                      "cached chunks")
     _model_args(sv)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--method", default="qcfuse", help="fusion method when a request names none (default: qcfuse)")
-    sv.add_argument("--ratio", type=float, default=0.15, help="recompute ratio when a request names none (0.15)")
-    sv.add_argument("--cache_dir", help="keep chunk caches in this directory too")
-    sv.add_argument("--redis_url", help="share chunk caches through this Redis, e.g. redis://localhost:6379/0")
+    _method_args(sv, "fusion method when a request names none")
+    _store_args(sv)
+    sv.add_argument("--api_key", help="require 'Authorization: Bearer KEY' on every /v1 route (default: the "
+                                      "QCFUSE_API_KEY environment variable; neither: no key needed)")
+    sv.add_argument("--auth_all_routes", action="store_true", help="require the key on /health and /metrics too")
     sv.add_argument("--max_queue", type=int, default=64,
                     help="requests waiting for the engine before new ones get 429 with Retry-After (default 64)")
+    _threads_arg(sv)
     sv.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     sv.set_defaults(func=_serve)
 
 
 def _serve(args) -> int:
-    from .cache import open_store
+    import os
+
     from .engine import FusionEngine
+    from .errors import QcfuseError
     from .fusion import make_selector
+    from .fusion.budget import ratio_spec
     from .serve import check_port_free, run_server
-    make_selector(args.method, args.ratio)                    # fail before loading the model
+    ratio = ratio_spec(args.ratio, args.target)
+    make_selector(args.method, ratio)                         # fail before loading the model
     if args.max_queue < 1:
-        from .errors import QcfuseError
         raise QcfuseError("--max_queue must be at least 1")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("QCFUSE_API_KEY")
+    if api_key is not None and not api_key.strip():
+        raise QcfuseError("--api_key (or QCFUSE_API_KEY) must not be empty")
+    if args.auth_all_routes and api_key is None:
+        raise QcfuseError("--auth_all_routes needs --api_key (or QCFUSE_API_KEY)")
+    _set_threads(args)
     check_port_free(args.host, args.port)
+    store = _open_store(args)
     model = _load(args)
-    engine = FusionEngine(model, store=open_store(cache_dir=args.cache_dir, redis_url=args.redis_url))
+    engine = FusionEngine(model, store=store)
     engine.warmup()
-    run_server(engine, args.model, args.host, args.port, args.method, args.ratio, args.log_level, args.max_queue)
+    run_server(engine, args.model, args.host, args.port, args.log_level, method=args.method, ratio=ratio,
+               max_queue=args.max_queue, api_key=api_key, auth_all_routes=args.auth_all_routes)
     return 0
 
 
@@ -448,7 +618,7 @@ def _add_bench_command(sub) -> None:
     b.add_argument("--repeats", type=int, help="timed runs per measurement, median reported (default: 3 on cuda, "
                                                "1 on cpu)")
     b.add_argument("--warmup", type=int, help="untimed runs before each measurement (default: 1 on cuda, 0 on cpu)")
-    b.add_argument("--threads", type=int, help="torch intra-op threads on the CPU (default: torch's)")
+    _threads_arg(b, "torch intra-op threads on the CPU")
     b.add_argument("--attention", choices=["flex", "blocked"], help="attention kernel for scattered rows (default: "
                                                                    "flex on cuda, blocked on cpu)")
     b.add_argument("--profile", metavar="METHOD@RATIO", help="also profile one such request at every length "
@@ -466,14 +636,10 @@ def _bench(args) -> int:
 
     from .bench import BenchConfig, run_bench
     from .bench.run import save_record
-    from .errors import QcfuseError
     from .eval.sweep import parse_list
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device == "cuda"
-    if args.threads is not None:
-        if args.threads < 1:
-            raise QcfuseError("--threads must be at least 1")
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     cfg = BenchConfig(
         device=device, model=args.model, config=None if args.model else (args.config or ("qwen3-8b" if gpu else
                                                                                           "smollm2-135m")),

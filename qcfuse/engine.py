@@ -2,26 +2,41 @@
 
 Offline, `prepare` prefills each chunk on its own (positions from 0) and stores its pre-RoPE K/V under a
 content key. Online, `generate` fetches the prefix and chunk caches (computing any miss), lets the selector
-pick tokens, runs the fuse loop, and decodes greedily from the fused cache.
+pick tokens, runs the fuse loop, and decodes from the fused cache (greedily unless sampling says otherwise,
+qcfuse/sampling.py).
+
+Cache accounting, per request and for document chunks: a hit is a chunk served whole from the store; a chunk
+computed in the request is a miss, including one whose entry turned out broken (also counted in
+`cache_corrupt`) or whose tier went away mid-read. `cached_tokens` counts the prompt tokens whose K/V came
+from a stored entry and were not recomputed.
 """
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-
-from collections import Counter
 
 from .cache.keys import chunk_key
 from .cache.kv import ChunkKV
 from .cache.loader import ChunkSource, LayerLoader
 from .cache.store import MemoryReader, TieredStore
+from .decoding import Answers
 from .errors import QcfuseError
-from .fusion import SELECTORS, ReusedKV, Selector, make_selector
-from .fusion.fuse import FuseResult, fuse, greedy_decode, synchronize
+from .fusion import DEFAULT_METHOD, DEFAULT_RATIO, SELECTORS, ReusedKV, Selector, make_selector
+from .fusion.fuse import FuseResult, fuse, synchronize
 from .model.loader import LoadedModel
 from .prompt import PromptLayout, build_layout
+from .sampling import Sampler, SamplingParams, TokenLogprob
+
+
+@dataclass
+class Choice:
+    text: str
+    token_ids: list[int]
+    finish_reason: str                            # "stop" or "length"
+    logprobs: list[TokenLogprob] | None = None    # when sampling asked for them
 
 
 @dataclass
@@ -31,6 +46,9 @@ class Generation:
     first_logits: torch.Tensor = field(repr=False)
     stats: dict
     recomputed: torch.Tensor = field(repr=False, default=None)   # document positions recomputed
+    finish_reason: str = "length"
+    logprobs: list[TokenLogprob] | None = None
+    choices: list[Choice] = field(default_factory=list)         # all n answers; the first is the one above
 
 
 class FusionEngine:
@@ -76,15 +94,16 @@ class FusionEngine:
         self.store.put(self._key(ids), self.model.fingerprint, entry)
         return entry
 
-    def _source(self, ids: list[int]) -> tuple[ChunkSource, bool]:
+    def _source(self, ids: list[int]) -> _Piece:
         """A chunk's cache as the fuse loop reads it, from whichever tier has it (computed on a miss)."""
         key = self._key(ids)
-        reader = self.store.open(key, self.model.fingerprint)
-        hit = reader is not None
-        if not hit:
+        found = self.store.lookup(key, self.model.fingerprint)
+        reader = found.reader
+        if reader is None:
             reader = MemoryReader(self._compute_and_store(ids), tier="computed")
-        return ChunkSource(reader, recompute=lambda: self._compute_and_store(ids),
-                           on_corrupt=lambda why: self.store.discard(key, why)), hit
+        source = ChunkSource(reader, recompute=lambda: self._compute_and_store(ids),
+                             on_corrupt=lambda why: self.store.discard(key, why))
+        return _Piece(source, found.reader is not None, found.broken)
 
     def _entry(self, ids: list[int]) -> tuple[ChunkKV, bool]:
         """A chunk's whole cache at once (tools and tests; requests stream layers instead)."""
@@ -113,42 +132,48 @@ class FusionEngine:
                               f"model's window of {window} tokens")
 
     # -- online -------------------------------------------------------------------------------------------
-    def generate(self, documents: list[str], question: str, method: str = "reuse", ratio: float = 0.15,
-                 max_new_tokens: int = 32, **selector_options) -> Generation:
+    def generate(self, documents: list[str], question: str, method: str = DEFAULT_METHOD,
+                 ratio: float = DEFAULT_RATIO, max_new_tokens: int = 32, sampling: SamplingParams | None = None,
+                 **selector_options) -> Generation:
+        """Answer `question` over `documents`. `sampling` (temperature, top_p, seed, stop, n, logprobs, ...)
+        defaults to greedy decoding; `selector_options` go to the method (e.g. anchor_ratio=0.1)."""
         t0 = time.perf_counter()
-        layout = self.layout(documents, question)
-        return self.generate_layout(layout, make_selector(method, ratio, **selector_options), max_new_tokens, t0)
+        selector = make_selector(method, ratio, **selector_options)
+        return self.generate_layout(self.layout(documents, question), selector, max_new_tokens, t0, sampling)
 
     def generate_layout(self, layout: PromptLayout, selector: Selector, max_new_tokens: int = 32,
-                        t0: float | None = None) -> Generation:
+                        t0: float | None = None, sampling: SamplingParams | None = None,
+                        strip: bool = True) -> Generation:
+        answers = self.start(layout, selector, max_new_tokens, sampling, t0, strip)
+        decoded = [answers.next().run() for _ in range(answers.n)]
+        choices = [Choice(d.text, d.token_ids, d.finish_reason, d.logprobs) for d in decoded]
+        first = choices[0]
+        return Generation(first.text, first.token_ids, answers.out.logits, answers.stats, answers.out.recomputed,
+                          first.finish_reason, first.logprobs, choices)
+
+    def start(self, layout: PromptLayout, selector: Selector, max_new_tokens: int = 32,
+              sampling: SamplingParams | None = None, t0: float | None = None, strip: bool = True) -> Answers:
+        """Prefill, then hand back the request's answers to decode (one at a time, or token by token).
+        strip=False keeps the answers' surrounding whitespace (raw text completions)."""
+        sampling = sampling if sampling is not None else SamplingParams()
+        sampler = Sampler(sampling, self.model.transformer.vocab_size)       # bad options fail before prefill
         out, stats = self.prefill(layout, selector, max_new_tokens, t0)
-        t1 = time.perf_counter()
-        tokens = greedy_decode(self.model.transformer, out.buffer, out.logits, layout.n_tokens, max_new_tokens,
-                               self.model.stop_ids)
-        stats.update(new_tokens=len(tokens), decode_s=time.perf_counter() - t1)
-        text_ids = [t for t in tokens if t not in self.model.stop_ids]
-        answer = self.model.tokenizer.decode(text_ids, skip_special_tokens=True).strip()
-        return Generation(answer, tokens, out.logits, stats, out.recomputed)
+        return Answers(self.model, out, stats, layout.n_tokens, max_new_tokens, sampling, sampler, strip)
 
     def prefill(self, layout: PromptLayout, selector: Selector, max_new_tokens: int = 32,
                 t0: float | None = None) -> tuple[FuseResult, dict]:
         """Everything up to the first token: the fused cache (room for `max_new_tokens` more), the first
-        logits, and the request's stats. Streaming servers decode from here one token at a time."""
+        logits, and the request's stats (`start` decodes from here)."""
         t0 = time.perf_counter() if t0 is None else t0
         model = self.model.transformer
         self.check_fits(layout, max_new_tokens)
-        hits, misses, by_tier = 0, 0, Counter()
         reused = loader = None
-        sources = []
+        pieces: list[_Piece] = []
         if selector.uses_cache:
             if layout.prefix:
-                sources.append(self._source(layout.prefix)[0])   # shared by every request: not counted
-            for ids in layout.chunks:
-                source, hit = self._source(ids)
-                sources.append(source)
-                hits, misses = hits + hit, misses + (not hit)
-                if hit:
-                    by_tier[source.tier] += 1
+                pieces.append(self._source(layout.prefix))     # shared by every request: not a chunk
+            pieces += [self._source(ids) for ids in layout.chunks]
+            sources = [p.source for p in pieces]
             loader = LayerLoader(sources, model.n_layers, model.device, background=self._background(sources))
             reused = ReusedKV(sources, prefix_len=len(layout.prefix), loader=loader)
         try:
@@ -157,22 +182,58 @@ class FusionEngine:
         finally:
             if loader is not None:
                 loader.close()
+        for piece in pieces:
+            if piece.found and piece.source.recomputed:
+                self.store.unserved(piece.tier)
+        chunks = pieces[1:] if layout.prefix and pieces else pieces
+        served = [p for p in chunks if p.served]
         stats = {
             "method": selector.name,
             "ratio": selector.ratio,
             "ttft_s": time.perf_counter() - t0,
             "selection_s": out.selection_s,
             "recomputed_tokens": int(out.recomputed.numel()),
+            "recomputed_share": int(out.recomputed.numel()) / max(1, layout.n_doc_tokens),   # what auto chose
             "context_tokens": layout.n_doc_tokens,
             "prompt_tokens": layout.n_tokens,
             "suffix_tokens": len(layout.suffix),
-            "cache_hits": hits,
-            "cache_misses": misses,
-            "hits_by_tier": dict(by_tier),
+            "cached_tokens": _cached_tokens(pieces, out.recomputed),
+            "cache_hits": len(served),
+            "cache_misses": len(chunks) - len(served),
+            "cache_corrupt": sum(p.broken + p.source.corrupt for p in chunks),
+            "hits_by_tier": dict(Counter(p.tier for p in served)),
             "bytes_loaded": loader.bytes_loaded if loader else 0,
             "io_wait_s": loader.io_wait_s if loader else 0.0,
-            "chunks_recomputed": sum(s.recomputed for s in sources),
+            "chunks_recomputed": sum(p.source.recomputed for p in pieces),
             "new_tokens": 0,
             "decode_s": 0.0,
         }
         return out, stats
+
+
+@dataclass
+class _Piece:
+    """One cached piece of a request's prompt (its prefix or a chunk) and how the store answered for it."""
+    source: ChunkSource
+    found: bool              # the store had an entry (counted a hit when it was opened)
+    broken: int = 0          # broken copies found and dropped while looking it up
+    tier: str = ""
+
+    def __post_init__(self):
+        self.tier = self.source.tier
+
+    @property
+    def served(self) -> bool:
+        """Read whole from the store: found, and not recomputed when a part failed mid-request."""
+        return self.found and not self.source.recomputed
+
+
+def _cached_tokens(pieces: list[_Piece], recomputed: torch.Tensor) -> int:
+    """Prompt tokens whose K/V came from a stored entry and were not recomputed (pieces lie from position 0)."""
+    cached, start = 0, 0
+    for piece in pieces:
+        n = piece.source.n_tokens
+        if piece.served:
+            cached += n - int(((recomputed >= start) & (recomputed < start + n)).sum())
+        start += n
+    return cached

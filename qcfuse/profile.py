@@ -1,13 +1,17 @@
-"""`qcfuse profile`: find a model's critical layers for QCFuse, measured on a calibration set.
+"""`qcfuse profile` and `qcfuse calibrate`: a model's calibration for QCFuse's critical layers and for ratio auto.
 
 Criterion (documented and measured): for each layer l, select the top `ratio` document tokens by the
 question's attention at layer l alone (full view), fuse with exactly those tokens, and measure the KL
 divergence of the first-token distribution from full prefill. The critical layers are the `n` layers with
 the lowest mean KL: the layers whose question attention best predicts which tokens matter for the answer.
+
+Ratio auto (fusion/budget.py): per calibration sample and method, the smallest ratio of a grid whose top-scored
+tokens keep full prefill's first token, read as the share of the method's scores those tokens hold.
 """
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -18,9 +22,7 @@ from .engine import FusionEngine
 from .errors import QcfuseError
 from .fusion import ReusedKV, Selector, make_selector
 from .fusion.probe import attention_probs, run_probe, top_positions
-
-PROFILE_FILE = "qcfuse-profile.json"
-PACKAGED = Path(__file__).resolve().parent / "profiles"
+from .model.profiles import PACKAGED, PROFILE_FILE, load_profile  # noqa: F401  (re-exported)
 
 
 class _Fixed(Selector):
@@ -87,14 +89,6 @@ def profile_model(engine: FusionEngine, samples: list[tuple[list[str], str]], ra
     }
 
 
-def load_profile(model_dir: Path | None, alias: str | None) -> dict | None:
-    """The profile stored with the model, else the one shipped for a built-in alias."""
-    for path in ([model_dir / PROFILE_FILE] if model_dir else []) + ([PACKAGED / f"{alias}.json"] if alias else []):
-        if path.is_file():
-            return json.loads(path.read_text())
-    return None
-
-
 def musique_samples(path: Path, n: int, passages: int) -> list[tuple[list[str], str]]:
     try:
         data = json.loads(Path(path).read_text())
@@ -107,3 +101,53 @@ def musique_samples(path: Path, n: int, passages: int) -> list[tuple[list[str], 
     if not out:
         raise QcfuseError(f"no samples in {path}")
     return out
+
+
+# -- ratio auto ------------------------------------------------------------------------------------------------
+AUTO_GRID = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7)
+AUTO_TARGETS = (0.8, 0.9, 0.95, 0.99)
+
+
+def needed_share(engine: FusionEngine, layout, scores: torch.Tensor, full_logits: torch.Tensor,
+                 grid=AUTO_GRID) -> dict:
+    """The smallest grid ratio whose top-scored tokens, fused, give full prefill's first token (1.0 when none
+    does), and the share of the scores' total those tokens hold: what ratio auto must reach on this sample."""
+    from .fusion.budget import mass_of_top
+    n_doc, top1 = layout.n_doc_tokens, int(full_logits.argmax())
+    tried = []
+    for ratio in grid:
+        k = int(round(ratio * n_doc))
+        fused = engine.generate_layout(layout, _Fixed(top_positions(scores, layout.doc_positions(), k)), 1)
+        agrees = int(fused.first_logits.argmax()) == top1
+        tried.append({"ratio": ratio, "agrees": agrees, "kl": round(kl_first_token(full_logits, fused.first_logits), 6)})
+        if agrees:
+            return {"ratio": ratio, "mass": round(mass_of_top(scores, k), 6), "tried": tried}
+    return {"ratio": 1.0, "mass": 1.0, "tried": tried}
+
+
+def calibrate_auto(engine: FusionEngine, samples: list, methods: list[str], targets=AUTO_TARGETS,
+                   grid=AUTO_GRID, progress: bool = True, on_sample=None) -> dict:
+    """Per method, the attention share that served each calibration sample, and its t-quantile per target t
+    (the higher neighbour: on the calibration set at least a share t of samples needed no more)."""
+    from .fusion import FusionInputs
+    needed: dict[str, list[float]] = {m: [] for m in methods}
+    t0 = time.perf_counter()
+    for sample in tqdm(samples, desc="calibrating ratio auto", unit="sample", disable=not progress):
+        layout = engine.layout(sample.documents, sample.question)
+        full = engine.generate_layout(layout, make_selector("fullcomp"), 1).first_logits
+        pieces = [engine._entry(ids)[0] for ids in [layout.prefix, *layout.chunks] if ids]
+        for method in methods:
+            selector = make_selector(method, 0.15)
+            scores = selector.scores(FusionInputs(engine.model.transformer, layout,
+                                                  ReusedKV(pieces, len(layout.prefix))))
+            found = needed_share(engine, layout, scores, full, grid)
+            needed[method].append(found["mass"])
+            if on_sample is not None:
+                on_sample({"sample": sample.id, "method": method, **found})
+    out = {}
+    for method, masses in needed.items():
+        ordered = sorted(masses)
+        quantile = [ordered[min(len(ordered) - 1, max(0, math.ceil(t * len(ordered)) - 1))] for t in targets]
+        out[method] = {"targets": list(targets), "mass": [round(m, 6) for m in quantile], "samples": len(masses),
+                       "grid": list(grid)}
+    return {"auto": out, "seconds": round(time.perf_counter() - t0, 1)}

@@ -85,10 +85,44 @@ def build_layout(tokenizer, documents: list[str], question: str, system_prompt: 
     head, q_ids = encode(before_q, False), encode(question.strip(), True)
     return PromptLayout(
         prefix=encode(prefix_text, False),
-        chunks=[encode(doc.strip() + CHUNK_TAIL, True) for doc in documents],
+        chunks=[_document_ids(tokenizer, doc) for doc in documents],
         suffix=head + q_ids + encode(after_q, False),
         question=(len(head), len(head) + len(q_ids)),
     )
+
+
+DOCUMENTS_MARKER = "{documents}"
+
+
+def build_text_layout(tokenizer, documents: list[str], prompt: str) -> PromptLayout:
+    """A prompt the client wrote itself (text completions): the documents go where it says `{documents}`, or
+    first when it does not say. The text before them is the prefix (with the tokenizer's BOS, as a plain
+    prompt would have), the text after them the suffix; special tokens in the client's text count as such
+    (it may follow a chat template by hand), never in documents. Chunks are tokenized exactly as in chat
+    requests, so both share the chunk caches."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise QcfuseError("the prompt is empty")
+    if prompt.count(DOCUMENTS_MARKER) > 1:
+        raise QcfuseError(f"the prompt may hold {DOCUMENTS_MARKER} once, to place the documents")
+    for i, doc in enumerate(documents):
+        if not isinstance(doc, str) or not doc.strip():
+            raise QcfuseError(f"document {i + 1} is empty")
+    if DOCUMENTS_MARKER in prompt and not documents:
+        raise QcfuseError(f"the prompt places documents with {DOCUMENTS_MARKER}, but the request has none")
+    before, marker, after = prompt.partition(DOCUMENTS_MARKER)
+    if not marker:
+        before, after = "", prompt
+    if not after:
+        raise QcfuseError(f"the prompt needs some text after {DOCUMENTS_MARKER} (the answer continues it)")
+    prefix = tokenizer(before, add_special_tokens=True).input_ids
+    suffix = tokenizer(after, add_special_tokens=False).input_ids
+    chunks = [_document_ids(tokenizer, doc) for doc in documents]
+    return PromptLayout(prefix=prefix, chunks=chunks, suffix=suffix, question=(0, len(suffix)))
+
+
+def _document_ids(tokenizer, document: str) -> list[int]:
+    """A chunk's ids: the same for every request and route, so its cache is found again."""
+    return tokenizer(document.strip() + CHUNK_TAIL, add_special_tokens=False, split_special_tokens=True).input_ids
 
 
 def _render_template(tokenizer, system_prompt: str) -> tuple[str, str]:

@@ -1,4 +1,7 @@
+import openai
 import pytest
+
+from servers import serve
 
 
 @pytest.fixture(scope="session")
@@ -12,3 +15,15 @@ def smollm2():
 def smollm2_engine(smollm2):
     from qcfuse import FusionEngine
     return FusionEngine(smollm2)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One plain `qcfuse serve` (defaults) shared by every test that only needs a server."""
+    yield from serve(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="not-needed", max_retries=0, timeout=120)
+

@@ -67,6 +67,13 @@ def test_bench_measures_every_method_and_ratio_and_checks_exactness(tiny_config)
             assert f["recomputed_tokens"] == expected
         qc = next(f for f in res["fused"] if f["method"] == "qcfuse")
         assert qc["selection_ms"] > 0
+        # host operators per request, for every run; more recomputed rows never means fewer operators here
+        # (row blocks), and every request dispatches at least a few per layer
+        ops = {name: d["host_ops"] for name, d in res["dispatches"].items()}
+        assert set(ops) == {"qcfuse full prefill", "reuse", "cacheblend 0.1", "cacheblend 0.5", "qcfuse 0.1",
+                            "qcfuse 0.5"}
+        assert all(n > 4 * 4 for n in ops.values())                # the tiny model has 4 layers
+        assert ops["qcfuse 0.5"] >= ops["qcfuse 0.1"] and ops["qcfuse 0.1"] > ops["reuse"]
 
 
 def test_bench_profiles_one_request_per_length_into_the_record(tiny_config, tmp_path):
@@ -157,3 +164,10 @@ def test_rope_tables_match_direct_computation():
         out = torch.empty(2, 5, 16)
         rope.apply(x, positions, out=out)
         torch.testing.assert_close(out, rope.apply(x, positions), atol=0, rtol=0)
+        half = x[..., 8:], x[..., :8]                  # the textbook form: x*cos + rotate_half(x)*sin
+        textbook = x * direct_cos + torch.cat((-half[0], half[1]), dim=-1) * direct_sin
+        torch.testing.assert_close(rope.apply(x, positions), textbook, atol=1e-6, rtol=0)
+    # a range reads slices of the table (in and past the window), and remembered angles never go stale
+    for span in (range(10, 15), range(62, 67), range(10, 15)):
+        torch.testing.assert_close(rope.apply(x, span), rope.apply(x, torch.arange(span.start, span.stop)),
+                                   atol=1e-6, rtol=0)

@@ -116,3 +116,29 @@ def test_profile_command(tmp_path, capsys):
     assert sorted(prof["critical_layers"]) == sorted(sorted(range(30), key=kl.__getitem__)[:3])
     assert "critical" in capsys.readouterr().out
     assert main(["profile", "--data", str(tmp_path / "missing.json")]) == 2
+
+
+def _break_layer_files(cache_dir, layer: int) -> int:
+    parts = list(cache_dir.glob(f"entries/*/*/layer.{layer}.safetensors"))
+    for part in parts:
+        blob = bytearray(part.read_bytes())
+        blob[len(blob) // 2] ^= 0x01
+        part.write_bytes(bytes(blob))
+    return len(parts)
+
+
+def test_broken_cache_entries_are_misses_not_hits(docs, tmp_path, capsys):
+    cache = tmp_path / "kv"
+    args = ["generate", "-d", docs[0], "-d", docs[1], "-q", "When?", "--method", "reuse", "--max_new_tokens", "2",
+            "--cache_dir", str(cache)]
+    assert main(args + ["--json"]) == 0
+    clean = json.loads(capsys.readouterr().out)
+    assert (clean["cache_hits"], clean["cache_misses"], clean["cache_corrupt"]) == (2, 0, 0)
+    assert _break_layer_files(cache, 3) == 3                    # the prompt prefix and both chunks
+    assert main(args + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["cache_hits"], out["cache_misses"], out["cache_corrupt"], out["chunks_recomputed"]) == (0, 2, 2, 3)
+    assert out["hits_by_tier"] == {} and out["cached_tokens"] == 0 and out["answer"] == clean["answer"]
+    _break_layer_files(cache, 7)
+    assert main(args) == 0
+    assert "chunk cache: 0 hits (by tier: none), 2 misses, 2 of them broken entries, dropped" in capsys.readouterr().out

@@ -7,12 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from qcfuse import FusionEngine
+from qcfuse.cache import open_store
 from qcfuse.cli import main
 from qcfuse.errors import QcfuseError
 from qcfuse.eval import ruler
 from qcfuse.eval.datasets import Sample, default_data_dir, load_dataset, split_passages
 from qcfuse.eval.metrics import f1_score, fidelity, rouge_l, string_match_all
-from qcfuse.eval.runner import EvalConfig, fit_window, read_rows, run_eval
+from qcfuse.eval.runner import EvalConfig, fit_window, read_rows, run_eval, run_name
 from qcfuse.eval.sweep import grid, write_report
 from qcfuse.prompt import build_layout
 
@@ -219,7 +221,7 @@ def test_eval_end_to_end_with_resume(tmp_path, capsys, smollm2_engine):
         assert r["method"] == "cacheblend" and r["ratio"] == 0.3 and r["metric"] == "qa_f1"
         assert 0 <= r["score"] <= 1 and 0 <= r["rougeL"] <= 1 and r["kl"] >= 0
         assert r["recomputed_tokens"] == round(0.3 * r["context_tokens"]) and r["ttft_s"] > 0
-        assert r["cache_misses"] == 0 and r["new_tokens"] <= 4
+        assert r["cache_misses"] == r["cache_corrupt"] == 0 and r["cache_hits"] > 0 and r["new_tokens"] <= 4
     refs = sorted((cache / "refs").glob("*.pt"))
     assert len(refs) == 2
     assert "over 2 samples" in text and "TTFT" in text
@@ -249,6 +251,18 @@ def test_eval_end_to_end_with_resume(tmp_path, capsys, smollm2_engine):
 
     rc, _, err = _cli(capsys, *args[:-1], str(full_out))                                   # another run's file
     assert rc == 2 and "holds results of another run" in err
+
+    # broken chunk caches: the rows count them as misses (and corrupt), never as hits
+    for part in (cache / "entries").glob("*/*/layer.5.safetensors"):
+        blob = bytearray(part.read_bytes())
+        blob[len(blob) // 2] ^= 0x01
+        part.write_bytes(bytes(blob))
+    summary = run_eval(EvalConfig(method="cacheblend", ratio=0.3, out=str(tmp_path / "broken.jsonl"), **cfg),
+                       engine=FusionEngine(smollm2_engine.model, store=open_store(str(cache))))
+    broken = read_rows(tmp_path / "broken.jsonl")
+    assert summary["n"] == 2 and broken[0]["cache_corrupt"] == broken[0]["cache_misses"] > 0
+    assert broken[0]["cache_hits"] == 0
+    assert [r["prediction"] for r in broken] == [r["prediction"] for r in rows]        # recomputed: same answers
 
 
 def test_sweep_writes_table_and_plot(tmp_path, capsys):
@@ -385,7 +399,7 @@ def test_report_of_an_unfinished_sweep_compares_the_same_samples(tmp_path, capsy
      "ratio must be within"),
     (["eval", "--dataset", "hotpotqa", "--data_dir", "{bad}", "--baseline", "reuse"], "hotpotqa.jsonl:2: malformed"),
     (["sweep", "--dataset", "hotpotqa", "--data_dir", str(FIXTURES), "--methods", "epic", "--ratios", "0.1,x"],
-     "comma-separated"),
+     "ratio must be a number within [0, 1] or 'auto', got 'x'"),
     (["sweep", "--dataset", "hotpotqa", "--data_dir", str(FIXTURES), "--methods", "epic,nope"], "unknown method"),
     (["data", "ruler", "--task", "vt", "--n", "0", "--out", "{bad}/x.jsonl"], "--n must be at least 1"),
 ])
@@ -398,3 +412,31 @@ def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
     rc, _, err = _cli(capsys, *args, *extra.get(args[0], []))
     assert rc == 2
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_report_compares_ratio_auto_with_fixed_ratios(tmp_path):
+    def run(method, ratio, top1s, kl, share):
+        name = "fullcomp.jsonl" if ratio is None else f"{run_name(method, ratio)}.jsonl"
+        n_doc = 1000
+        (tmp_path / name).write_text("".join(json.dumps({
+            "id": str(i), "method": method, "ratio": ratio, "score": 0.5, "score_full": 0.5, "same_answer": t,
+            "top1": t, "kl": kl, "ttft_s": 0.2 + share, "ttft_full_s": 1.0, "selection_s": 0.0,
+            "recomputed_tokens": round(share * n_doc), "context_tokens": n_doc}) + "\n"
+            for i, t in enumerate(top1s)))
+    run("fullcomp", None, [True] * 100, 0.0, 1.0)
+    run("qcfuse", 0.1, [True] * 90 + [False] * 10, 0.04, 0.1)
+    run("qcfuse", 0.3, [True] * 99 + [False], 0.02, 0.3)
+    run("qcfuse", 0.5, [True] * 100, 0.01, 0.5)
+    run("qcfuse", "auto:0.99", [True] * 100, 0.015, 0.2)
+    run("epic", 0.1, [False] * 100, 0.5, 0.1)
+    runs = grid(["epic", "qcfuse"], [0.1, 0.3, 0.5, "auto:0.99"])
+    assert ("epic", "auto:0.99") not in runs and runs[-1] == ("qcfuse", "auto:0.99")
+    result = write_report(tmp_path, "toy", runs, log=lambda *_: None)
+    [auto] = result["auto"]
+    assert auto["method"] == "qcfuse" and auto["target"] == 0.99 and auto["share"] == pytest.approx(0.2)
+    assert auto["fixed_ratio_99"] == 0.3 and auto["top1"] == 1.0
+    assert auto["fixed_kl_at_share"] == pytest.approx(0.03)           # halfway between 0.1 (0.04) and 0.3 (0.02)
+    table = (tmp_path / "table.md").read_text()
+    assert "| qcfuse | 0.99 | 100 | 0.200 | 100.0% | 0.0150 | 0.3 (99.0%) | 0.0300 |" in table
+    assert "qcfuse auto" not in result["smallest_ratio"]                # auto is not a fixed-ratio row
+    assert set(result["head_to_head"]) == {"epic:0.1"}

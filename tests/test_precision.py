@@ -63,7 +63,12 @@ def test_a_precision_bug_fails_the_check(monkeypatch):
     def coarse(self, positions, dtype):
         return compute(self, positions.to(torch.bfloat16).float(), dtype)
     monkeypatch.setattr(Rope, "_compute", coarse)
-    monkeypatch.setattr(Rope, "cos_sin", lambda self, positions, dtype: self._compute(positions, dtype))
+
+    def direct(self, positions, dtype, device=None):       # no tables: every angle through the buggy _compute
+        if isinstance(positions, range):
+            positions = torch.arange(positions.start, positions.stop, device=device)
+        return self._compute(positions, dtype)
+    monkeypatch.setattr(Rope, "cos_sin", direct)
     check = precision_check(FusionEngine(model), random_layout(400, VOCAB, 64, seed=1))
     assert not check["passed"]
     assert check["full"]["rel_err"] > LOW_PRECISION_FACTOR * check["transformers"]["rel_err"]

@@ -1,50 +1,21 @@
 """`qcfuse serve` as clients meet it: the official openai client, raw HTTP for bad input, concurrent load.
 
-One real server (the CLI, in a subprocess, on a free loopback port, with the real default model) for the module.
+One real server (the CLI, in a subprocess, on a free loopback port, with the real default model; the `server`
+fixture of conftest.py, shared with the other server tests).
 """
 import asyncio
-import sys
 import time
 
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from qcfuse.serve.loadgen import run_load, running_server
 from qcfuse.serve.schema import MAX_TOKENS_LIMIT
-from servers import free_port
+from servers import MODEL, metric, serve
 
-MODEL = "smollm2-135m"
 ORCHARD = ["The orchard on Hill Road grows pears and plums.", "Plums are harvested in late August.",
            "The orchard was planted in 1962 by the Marsh family."]
-
-
-def _serve(tmp_path_factory, *extra):
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [sys.executable, "-m", "qcfuse", "serve", "--model", MODEL, "--port", str(port), "--log_level", "warning",
-           *extra]
-    with running_server(cmd, f"http://127.0.0.1:{port}", log, timeout_s=240):
-        yield f"http://127.0.0.1:{port}"
-    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    yield from _serve(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="not-needed", max_retries=0, timeout=120)
-
-
-def metric(url: str, name: str, **labels) -> float:
-    """A sample of /metrics, summed over the labels not given (0.0 when absent)."""
-    return sum(sample.value for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
-               for sample in family.samples
-               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
 
 
 def ask(client, documents, question="What grows on Hill Road?", max_tokens=8, **kwargs):
@@ -62,31 +33,41 @@ def test_models_and_health(server, client):
 def test_second_request_reuses_every_chunk_in_any_order(client):
     docs = ["Maple Street has a bakery that sells rye bread.", "The bakery opens at six in the morning.",
             "Its owner, Ines, moved there from Porto in 2004."]
+    ask(client, ["A request before: the template prefix is stored by now."], max_tokens=1)
     first = ask(client, docs, "When does the bakery open?")
     second = ask(client, [docs[2], docs[0], docs[1]], "When does the bakery open?")
     f1, f2 = first.model_extra["fusion"], second.model_extra["fusion"]
-    assert (f1["cache_hits"], f1["cache_misses"]) == (0, 3)
-    assert (f2["cache_hits"], f2["cache_misses"]) == (3, 0)
+    assert (f1["cache_hits"], f1["cache_misses"], f1["cache_corrupt"]) == (0, 3, 0)
+    assert (f2["cache_hits"], f2["cache_misses"], f2["cache_corrupt"]) == (3, 0, 0)
     assert f2["ttft_s"] < f1["ttft_s"]                 # the first computed the chunk caches, the second read them
     for key in ("cached_tokens", "recomputed_tokens", "ttft_s", "selection_s", "queue_s", "context_tokens"):
         assert key in f2
-    assert f2["cached_tokens"] + f2["recomputed_tokens"] == f2["context_tokens"] > 0
+    # cached: the prompt tokens read from stored entries and not recomputed, i.e. every token before the question
+    # (template prefix + documents) but the recomputed ones; the first request computed its chunks (none cached)
+    before_question = f2["prompt_tokens"] - f2["suffix_tokens"]
+    assert f2["cached_tokens"] + f2["recomputed_tokens"] == before_question > f2["context_tokens"] > 0
+    assert f1["cached_tokens"] == before_question - f1["context_tokens"]      # the prefix only, seen before
     assert second.choices[0].message.content and second.choices[0].finish_reason in ("stop", "length")
     usage = second.usage
     assert usage.prompt_tokens == f2["prompt_tokens"] and 1 <= usage.completion_tokens <= 8
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert usage.prompt_tokens_details.cached_tokens == f2["cached_tokens"]
+    assert first.usage.prompt_tokens_details.cached_tokens == f1["cached_tokens"]
 
 
 def test_streamed_answer_equals_the_plain_one(server, client):
     plain = ask(client, ORCHARD)
-    chunks = list(ask(client, ORCHARD, stream=True))
+    chunks = list(ask(client, ORCHARD, stream=True, stream_options={"include_usage": True}))
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
-    text = "".join(c.choices[0].delta.content or "" for c in chunks)
-    last = chunks[-1]
+    *answer, finish, last = chunks
+    text = "".join(c.choices[0].delta.content or "" for c in answer)
     assert text.strip() == plain.choices[0].message.content
-    assert last.choices[0].finish_reason == plain.choices[0].finish_reason
-    assert last.usage.completion_tokens == plain.usage.completion_tokens
+    # OpenAI's order: the finish chunk, then one chunk with empty choices and the usage; none before it has usage
+    assert finish.choices[0].finish_reason == plain.choices[0].finish_reason and finish.usage is None
+    assert all(c.usage is None for c in answer)
+    assert last.choices == [] and last.usage.completion_tokens == plain.usage.completion_tokens
+    assert last.usage.prompt_tokens_details.cached_tokens == last.model_extra["fusion"]["cached_tokens"] > 0
     streamed, plain_stats = last.model_extra["fusion"], plain.model_extra["fusion"]
     assert set(streamed) == set(plain_stats)           # the stream reports every key the engine reports
     assert streamed["cache_hits"] == len(ORCHARD) and streamed["recomputed_tokens"] == plain_stats["recomputed_tokens"]
@@ -153,11 +134,26 @@ BAD_REQUESTS = [   # (id, body or raw bytes, status, param, code)
      "invalid_value"),
     ("max_tokens as text", {"messages": USER, "max_tokens": "8"}, 400, "max_tokens", "invalid_value"),
     ("stream not a bool", {"messages": USER, "stream": "yes"}, 400, "stream", "invalid_value"),
-    ("n above 1", {"messages": USER, "n": 2}, 400, "n", "invalid_value"),
+    ("n above 8", {"messages": USER, "n": 9}, 400, "n", "invalid_value"),
     ("prompt too long", {"messages": USER, "documents": ["lorem ipsum " * 5000]}, 400, "messages",
      "context_length_exceeded"),
     ("unknown model", {"model": "gpt-9", "messages": USER}, 404, "model", "model_not_found"),
     ("huge body", b'{"messages": [], "pad": "' + b"x" * (9 << 20) + b'"}', 413, None, "request_too_large"),
+    # once answered with a 500 and a traceback
+    ("lone surrogate", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, "messages[0].content",
+     "invalid_value"),
+    ("surrogate in a document", b'{"messages": [{"role": "user", "content": "Hi"}], "documents": ["a\\udfffb"]}',
+     400, "documents[0]", "invalid_value"),
+    ("deep nesting", b"[" * 100_000 + b"]" * 100_000, 400, None, "invalid_json"),
+    ("NaN", b'{"messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}', 400, None, "invalid_json"),
+    ("huge integer", b'{"messages": [{"role": "user", "content": "Hi"}], "seed": ' + b"9" * 5000 + b"}", 400, None,
+     "invalid_json"),
+    # once ignored
+    ("temperature -5", {"messages": USER, "temperature": -5}, 400, "temperature", "invalid_value"),
+    ("top_p 7", {"messages": USER, "top_p": 7}, 400, "top_p", "invalid_value"),
+    ("logprobs not a bool", {"messages": USER, "logprobs": "yes"}, 400, "logprobs", "invalid_value"),
+    ("tools", {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
+     "unsupported_parameter"),
 ]
 
 
@@ -207,8 +203,8 @@ def test_concurrent_clients_lose_nothing(server):
 
 
 def test_a_full_queue_answers_429_with_retry_after(tmp_path_factory):
-    serve = _serve(tmp_path_factory, "--max_queue", "2")
-    url = next(serve)
+    busy_server = serve(tmp_path_factory, "--max_queue", "2")
+    url = next(busy_server)
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me about the orchard."}],
             "max_tokens": 24, "documents": ORCHARD, "fusion": {"method": "reuse"}}
 
@@ -228,7 +224,7 @@ def test_a_full_queue_answers_429_with_retry_after(tmp_path_factory):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
         assert ask(client, ORCHARD, max_tokens=2).choices[0].message.content is not None
     finally:
-        next(serve, None)
+        next(busy_server, None)
 
 
 def test_metrics_count_what_happened(server):

@@ -290,6 +290,12 @@ def _run(engine, method="qcfuse"):
     return engine.generate_layout(engine.layout(DOCS, QUESTION), make_selector(method, 0.3), 8)
 
 
+def _recomputed_in(gen, engine, chunk: int) -> int:
+    """How many of the recomputed positions fall inside one chunk of the request's prompt."""
+    start, end = engine.layout(DOCS, QUESTION).chunk_spans()[chunk]
+    return int(((gen.recomputed >= start) & (gen.recomputed < end)).sum())
+
+
 def _same_result(a, b) -> bool:
     return a.token_ids == b.token_ids and torch.allclose(a.first_logits, b.first_logits, atol=1e-5)
 
@@ -324,6 +330,14 @@ def test_corrupt_entry_is_recomputed_with_a_warning(smollm2, reference, tmp_path
     assert _same_result(gen, reference)
     assert gen.stats["chunks_recomputed"] == 1
     assert "dropping cache entry" in caplog.text
+    # the broken chunk was recomputed: a miss and a corrupt entry, not a hit (and its tokens are not cached)
+    stats = gen.stats
+    assert (stats["cache_hits"], stats["cache_misses"], stats["cache_corrupt"]) == (2, 1, 1)
+    assert stats["hits_by_tier"] == {"disk": 2}
+    broken = len(engine.layout(DOCS, QUESTION).chunks[1])
+    assert stats["cached_tokens"] == stats["prompt_tokens"] - stats["suffix_tokens"] - broken \
+        - stats["recomputed_tokens"] + _recomputed_in(gen, engine, 1)
+    assert engine.store.corrupt == 1 and engine.store.hits["disk"] == 3 and engine.store.misses == 1
     fresh = DiskTier(root).open(key, smollm2.fingerprint)         # removed, then written again, clean
     assert all(fresh.layer(l) is not None for l in range(fresh.n_layers))
 
@@ -338,6 +352,7 @@ def test_foreign_model_entry_is_recomputed(smollm2, reference, tmp_path, caplog)
         gen = _run(engine)
     assert "another model" in caplog.text
     assert gen.stats["cache_misses"] == 3 and _same_result(gen, reference)
+    assert gen.stats["cache_corrupt"] == 1 and engine.store.corrupt == 1
 
 
 def test_redis_dies_mid_request(smollm2, reference, caplog):
@@ -346,20 +361,23 @@ def test_redis_dies_mid_request(smollm2, reference, caplog):
     url = f"redis://127.0.0.1:{port}/0"
     FusionEngine(smollm2, store=open_store(redis_url=url)).prepare(DOCS)
     engine = FusionEngine(smollm2, store=open_store(redis_url=url), background_loading=False)
-    real_open = engine.store.open
+    real_lookup = engine.store.lookup
 
-    def open_then_kill(key, fingerprint):       # the entry is found in Redis, then Redis goes away
-        reader = real_open(key, fingerprint)
-        if proc.poll() is None and reader is not None and reader.tier == "redis":
+    def lookup_then_kill(key, fingerprint):     # the entry is found in Redis, then Redis goes away
+        found = real_lookup(key, fingerprint)
+        if proc.poll() is None and found.reader is not None and found.reader.tier == "redis":
             proc.kill()
             proc.wait()
-        return reader
-    engine.store.open = open_then_kill
+        return found
+    engine.store.lookup = lookup_then_kill
     with caplog.at_level(logging.WARNING, logger="qcfuse.cache"):
         gen = _run(engine)
     assert proc.poll() is not None
     assert _same_result(gen, reference)
     assert gen.stats["chunks_recomputed"] >= 1 and "went away" in caplog.text
+    # nothing came whole from a cache: every chunk is a miss, none of them corrupt (the tier went away)
+    assert (gen.stats["cache_hits"], gen.stats["cache_misses"], gen.stats["cache_corrupt"]) == (0, 3, 0)
+    assert gen.stats["cached_tokens"] == 0 and engine.store.hits["redis"] == 0
     again = _run(engine)                         # Redis still down: local tiers serve
     assert _same_result(again, reference)
 

@@ -270,6 +270,12 @@ def run_bench(cfg: BenchConfig, log=print, progress: bool = True) -> dict:
                     "recomputed_tokens": timed[-1]["recomputed_tokens"], "bytes_loaded": timed[-1]["bytes_loaded"],
                     "speedup_vs_transformers": t_hf / ttft, "speedup_vs_qcfuse_full": t_full / ttft,
                 })
+            res["dispatches"] = {"qcfuse full prefill": count_dispatches(lambda: engine.prefill(layout, full, 1),
+                                                                        device)}
+            for method, ratio in runs:
+                name = method if ratio is None else f"{method} {ratio:g}"
+                res["dispatches"][name] = count_dispatches(
+                    lambda: engine.prefill(layout, make_selector(method, ratio or 0.0), 1), device)
             if device.type == "cuda":
                 res["syncs"] = {"qcfuse full prefill": count_syncs(lambda: engine.prefill(layout, full, 1))}
                 for method in ("epic", "qcfuse"):         # one fused request each, at the ratio nearest 0.15
@@ -330,6 +336,29 @@ def profile_request(engine, layout, selector, device: torch.device, rows: int = 
             "table": prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)}
 
 
+LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cudaMemcpyAsync", "cudaMemsetAsync")
+
+
+def count_dispatches(fn, device: torch.device) -> dict:
+    """Host work of one request, by count: operators the host dispatched (top-level aten calls, every thread,
+    loader included) and, on CUDA, kernel launches and copies queued. Where the GPU waits for the host,
+    these counts are what to cut; the profiler sees compiled regions too, unlike a dispatch mode."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()                                                   # warm
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+    events = prof.events()
+    ops = sum(1 for e in events if e.name.startswith("aten::")
+              and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+    counts = {"host_ops": ops}
+    if device.type == "cuda":
+        counts["launches"] = sum(1 for e in events if e.name.startswith(LAUNCH_EVENTS))
+    return counts
+
+
 def _kernels_used(model, layout) -> dict:
     """Which kernel the seam picks for full prefill and for scattered rows, per attention window."""
     windows = {layer.window for layer in model.spec.layers}
@@ -379,6 +408,10 @@ def format_result(res: dict, record: dict) -> str:
         lines.append("  " + format_precision(res["check"]))
     if "syncs" in res:
         lines.append("  host syncs per request: " + ", ".join(f"{k} {v['count']}" for k, v in res["syncs"].items()))
+    if "dispatches" in res:
+        lines.append("  host operators per request: " + ", ".join(
+            f"{k} {v['host_ops']}" + (f" ({v['launches']} launches)" if "launches" in v else "")
+            for k, v in res["dispatches"].items()))
     if "attention_kernels" in res:
         kinds = res["attention_kernels"]
         lines.append(f"  attention kernels (per window): full prefill {kinds['full prefill']}, "

@@ -142,6 +142,14 @@ class DiskTier(Tier):
         return {"tier": self.name, "path": str(self.root), "entries": len(self._index), "bytes": used,
                 "max_bytes": self.max_bytes}
 
+    def health(self):
+        for folder in (self.entries_dir, self.tmp_dir):
+            if not folder.is_dir():
+                return f"{folder} is missing"
+            if not os.access(folder, os.W_OK | os.X_OK):
+                return f"{folder} is not writable"
+        return None
+
     # -- internals ------------------------------------------------------------------------------------------------
     def _write(self, key: str, parts: dict[str, bytes]) -> None:
         tmp = self.tmp_dir / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"

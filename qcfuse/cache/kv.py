@@ -7,6 +7,7 @@ for the prompt plus the tokens to be decoded and written in place.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -27,7 +28,12 @@ class ChunkKV:
         return self.k.shape[0]
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[layer], self.v[layer]
+        return self._layers[layer]
+
+    @cached_property
+    def _layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # views made once per entry, not once per request and layer (k and v are never reassigned)
+        return list(zip(self.k.unbind(0), self.v.unbind(0)))
 
     @property
     def nbytes(self) -> int:

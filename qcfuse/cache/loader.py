@@ -30,7 +30,8 @@ class ChunkSource:
     def __init__(self, reader: EntryReader, recompute: Callable[[], ChunkKV], on_corrupt: Callable[[str], None]):
         self.reader, self._recompute, self._on_corrupt = reader, recompute, on_corrupt
         self.n_tokens, self.n_layers = reader.n_tokens, reader.n_layers
-        self.recomputed = False
+        self.recomputed = False          # its entry failed mid-request and the chunk was computed afresh
+        self.corrupt = False             # ... because a part of it was broken (not because its tier went away)
         self._extras = None
         self._lock = threading.Lock()
 
@@ -61,6 +62,7 @@ class ChunkSource:
             with self._lock:
                 if self.reader is reader:                # the first thread to notice swaps in a fresh copy
                     if isinstance(exc, CorruptEntry):
+                        self.corrupt = True
                         self._on_corrupt(f"{reader.tier} tier: {exc}")
                     else:
                         log.warning("qcfuse: %s tier went away mid-request; recomputing a chunk", reader.tier)

@@ -47,6 +47,17 @@ class RedisTier(Tier):
                 self._down_until = time.monotonic() + self.retry_s
             raise TierUnavailable(self.url) from None
 
+    def health(self):
+        try:
+            self.client.ping()
+        except (redis.exceptions.RedisError, OSError) as exc:
+            with self._lock:
+                self._down_until = time.monotonic() + self.retry_s
+            return f"{self.url} unreachable ({exc})"
+        with self._lock:
+            self._down_until = 0.0            # back: use it again now, not after the retry delay
+        return None
+
     def open(self, key, fingerprint) -> EntryReader | None:
         name = PREFIX + key
         return open_blob_entry(self.name, key, fingerprint,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter, OrderedDict
+from dataclasses import dataclass
 
 import torch
 
@@ -57,6 +58,11 @@ class Tier:
     def stats(self) -> dict:
         raise NotImplementedError
 
+    def health(self) -> str | None:
+        """None while the tier works, else why it does not (one line). Probing a tier that was marked down
+        and answers again brings it back at once."""
+        return None
+
 
 # -- memory ---------------------------------------------------------------------------------------------------
 class MemoryReader(EntryReader):
@@ -71,7 +77,7 @@ class MemoryReader(EntryReader):
         return self.entry.extras
 
     def layer(self, layer):
-        k, v = self.entry.k[layer], self.entry.v[layer]
+        k, v = self.entry.layer(layer)
         self.bytes_read += k.numel() * k.element_size() * 2
         return k, v
 
@@ -204,18 +210,32 @@ class _PromotingReader(EntryReader):
         return kv
 
 
+@dataclass
+class Lookup:
+    reader: EntryReader | None
+    broken: int = 0          # broken copies found and dropped before the reader (or the miss)
+
+
 class TieredStore:
     def __init__(self, tiers: list[Tier] | None = None):
         self.tiers = tiers if tiers is not None else [MemoryTier()]
-        self.hits: Counter[str] = Counter()
-        self.misses = 0
+        self.hits: Counter[str] = Counter()       # entries served whole, by tier
+        self.misses = 0                            # entries that had to be computed
+        self.corrupt = 0                           # broken entries found and dropped
 
     def open(self, key: str, fingerprint: str) -> EntryReader | None:
+        return self.lookup(key, fingerprint).reader
+
+    def lookup(self, key: str, fingerprint: str) -> Lookup:
+        """The entry's reader from the fastest tier that has it whole, and how many broken copies of it were
+        found (and dropped) on the way. Counts a hit, or a miss."""
+        broken = 0
         for i, tier in enumerate(self.tiers):
             try:
                 reader = tier.open(key, fingerprint)
             except CorruptEntry as exc:
                 self.discard(key, f"{tier.name} tier: {exc}", tiers=[tier])
+                broken += 1
                 continue
             except TierUnavailable:
                 continue
@@ -224,9 +244,15 @@ class TieredStore:
                 if i > 0:
                     faster = self.tiers[:i]
                     reader = _PromotingReader(reader, lambda e: self._write(faster, key, fingerprint, e))
-                return reader
+                return Lookup(reader, broken)
         self.misses += 1
-        return None
+        return Lookup(None, broken)
+
+    def unserved(self, tier: str) -> None:
+        """An entry counted as a hit in `tier` could not be read whole after all (a broken part, or the tier
+        went away mid-read) and was recomputed: it counts as a miss."""
+        self.hits[tier] -= 1
+        self.misses += 1
 
     def contains(self, key: str, fingerprint: str) -> bool:
         """Present and readable in some tier (description checked), without counting a hit."""
@@ -258,6 +284,8 @@ class TieredStore:
             return None
 
     def discard(self, key: str, why: str, tiers: list[Tier] | None = None) -> None:
+        """Drop an entry found broken (from every tier unless `tiers` says which)."""
+        self.corrupt += 1
         log.warning("qcfuse: dropping cache entry %s… (%s); it will be recomputed", key[:12], why)
         for tier in tiers if tiers is not None else self.tiers:
             try:
@@ -273,6 +301,15 @@ class TieredStore:
             except TierUnavailable:
                 out[tier.name] = 0
         return out
+
+    def health(self) -> list[str]:
+        """What is wrong with the configured tiers right now (empty when every one works)."""
+        problems = []
+        for tier in self.tiers:
+            why = tier.health()
+            if why:
+                problems.append(f"{tier.name} tier: {why}")
+        return problems
 
     def stats(self) -> list[dict]:
         out = []

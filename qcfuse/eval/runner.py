@@ -36,7 +36,7 @@ SCORE = {"qa_f1": f1_score, "string_match_all": string_match_all}
 class EvalConfig:
     dataset: str
     method: str
-    ratio: float | None = 0.15
+    ratio: float | str | None = 0.15     # a share, or "auto:TARGET"
     size: int | None = None
     data_dir: str | None = None
     cache_dir: str | None = None
@@ -72,8 +72,9 @@ class EvalConfig:
                 "max_new_tokens": self.max_new_tokens, "options": self.options}
 
 
-def run_name(method: str, ratio: float | None) -> str:
-    return method if ratio is None else f"{method}_r{ratio:g}"
+def run_name(method: str, ratio: float | str | None) -> str:
+    from ..fusion.budget import ratio_label
+    return method if ratio is None else f"{method}_r{ratio_label(ratio)}"
 
 
 def open_engine(model: str = "smollm2-135m", cache_dir: str | None = None, dtype: str = "float32"):
@@ -191,6 +192,9 @@ def summarize(rows: list[dict]) -> dict:
     for key in ("score", "score_full", "rougeL", "same_answer", "top1", "kl", "ttft_s", "ttft_full_s",
                 "selection_s", "recomputed_tokens", "context_tokens"):
         out[key] = _mean(rows, key)
+    shares = [r["recomputed_tokens"] / r["context_tokens"] for r in rows
+              if r.get("recomputed_tokens") is not None and r.get("context_tokens")]
+    out["share"] = sum(shares) / len(shares) if shares else None     # mean recomputed share (what auto chose)
     out["rel_score"] = out["score"] / out["score_full"] if out["score_full"] else None
     out["speedup"] = out["ttft_full_s"] / out["ttft_s"] if out["ttft_s"] else None
     return out
@@ -273,8 +277,10 @@ def run_eval(cfg: EvalConfig, engine=None, samples: list[Sample] | None = None, 
                        "ttft_s": stats["ttft_s"], "ttft_full_s": ref["ttft_s"],
                        "selection_s": stats.get("selection_s", 0.0),
                        "recomputed_tokens": stats.get("recomputed_tokens"),
+                       "recomputed_share": stats.get("recomputed_share"),
                        "context_tokens": stats.get("context_tokens"), "prompt_tokens": stats.get("prompt_tokens"),
                        "cache_hits": stats.get("cache_hits"), "cache_misses": stats.get("cache_misses"),
+                       "cache_corrupt": stats.get("cache_corrupt"),
                        "hits_by_tier": stats.get("hits_by_tier"), "bytes_loaded": stats.get("bytes_loaded"),
                        "decode_s": stats.get("decode_s"), "new_tokens": stats.get("new_tokens"),
                        "dropped_passages": dropped, "threads": torch.get_num_threads()}

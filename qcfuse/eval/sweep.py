@@ -30,10 +30,18 @@ def parse_list(text: str, what: str, cast=str) -> list:
 def grid(methods: list[str], ratios: list[float]) -> list[tuple[str, float | None]]:
     runs: list[tuple[str, float | None]] = [("fullcomp", None)]
     for m in methods:
-        for r in ([None] if m in RATIO_FREE else sorted(ratios)):
+        for r in ([None] if m in RATIO_FREE else sorted(ratios, key=lambda r: (isinstance(r, str), str(r)
+                                                                                  if isinstance(r, str) else r))):
+            if isinstance(r, str) and not _query_aware(m):
+                continue                                   # ratio auto: query-aware methods only
             if (m, r) not in runs:
                 runs.append((m, r))
     return runs
+
+
+def _query_aware(method: str) -> bool:
+    from ..fusion import SELECTORS
+    return method in SELECTORS and SELECTORS[method].query_aware
 
 
 def run_sweep(base: EvalConfig, methods: list[str], ratios: list[float], out_dir: str | Path, log=print) -> dict:
@@ -43,7 +51,8 @@ def run_sweep(base: EvalConfig, methods: list[str], ratios: list[float], out_dir
         raise QcfuseError("--ratios is empty")
     for m in methods:                       # fail on a bad method or ratio before loading anything
         for r in ([0.0] if m in RATIO_FREE else ratios):
-            make_selector(m, r)
+            if not (isinstance(r, str) and not _query_aware(m)):
+                make_selector(m, r)
     runs = grid(methods, ratios)
     configs = [replace(base, method=m, ratio=r, out=str(out_dir / f"{run_name(m, r)}.jsonl"),
                        options=dict(base.options)).resolved() for m, r in runs]
@@ -127,7 +136,7 @@ def _methods(runs) -> list[str]:
 def write_report(out_dir: Path, dataset: str, runs, ids=None, log=print) -> dict:
     """Rebuild table.md and tradeoff.png from the results files in `out_dir`."""
     out_dir = Path(out_dir)
-    rows = _load(out_dir, runs, ids)
+    rows = _auto_as_methods(_load(out_dir, runs, ids))
     if not rows:
         raise QcfuseError(f"no results in {out_dir}")
     stats = {run: summarize(run_rows) for run, run_rows in rows.items()}
@@ -161,7 +170,7 @@ def write_report(out_dir: Path, dataset: str, runs, ids=None, log=print) -> dict
     lines += ["", "Smallest ratio that stays within 1% of full prefill, per criterion (TTFT speedup there):", "",
               "| method | " + " | ".join(label for _, label, _, _ in criteria) + " |",
               "|---|" + "---|" * len(criteria)]
-    methods = [m for m in _methods(stats) if m != "fullcomp"]
+    methods = [m for m in _methods(stats) if m != "fullcomp" and not m.endswith(AUTO_SUFFIX)]
     smallest: dict[str, dict[str, float | None]] = {key: {} for key, _, _, _ in criteria}
     for m in methods:
         cells = []
@@ -179,6 +188,8 @@ def write_report(out_dir: Path, dataset: str, runs, ids=None, log=print) -> dict
             smallest[key][m] = r
             cells.append(f"{r:g} ({s['speedup']:.2f}x)" if ok else "none in grid")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    auto = _auto_section(stats)
+    lines += auto["lines"]
     head_to_head = _head_to_head(rows, HEAD_TO_HEAD)
     equal_ttft = _equal_ttft(stats, HEAD_TO_HEAD)
     lines += head_to_head["lines"] + equal_ttft["lines"]
@@ -187,12 +198,65 @@ def write_report(out_dir: Path, dataset: str, runs, ids=None, log=print) -> dict
     log("\n".join(lines))
     log(f"wrote {out_dir / 'table.md'} and {out_dir / 'tradeoff.png'}")
     return {"stats": {f"{m}:{r}": s for (m, r), s in stats.items()}, "smallest_ratio": smallest["top1"],
-            "smallest_ratio_by": smallest, "head_to_head": head_to_head["pairs"], "equal_ttft": equal_ttft["kl"]}
+            "smallest_ratio_by": smallest, "head_to_head": head_to_head["pairs"], "equal_ttft": equal_ttft["kl"],
+            "auto": auto["rows"]}
+
+
+AUTO_SUFFIX = " auto"
+
+
+def _auto_as_methods(rows: dict) -> dict:
+    """Runs at ratio "auto:T" become points (m + " auto", T) of a curve of their own: one per target."""
+    from ..fusion.budget import parse_ratio
+    out = {}
+    for (m, r), run_rows in rows.items():
+        target = parse_ratio(r)[1] if isinstance(r, str) else None
+        out[(m + AUTO_SUFFIX, target) if target is not None else (m, r)] = run_rows
+    return out
+
+
+def _auto_section(stats: dict) -> dict:
+    """Ratio auto against the same method's fixed ratios: (a) the smallest fixed ratio keeping the first token
+    in >= 99% of samples, beside each auto target's agreement and mean recomputed share; (b) the fixed-ratio
+    curve's mean KL at auto's mean share (linear between grid ratios; nothing claimed outside the grid)."""
+    import numpy as np
+    autos = [(m, t) for m, t in stats if m.endswith(AUTO_SUFFIX)]
+    if not autos:
+        return {"lines": [], "rows": []}
+    lines = ["", "Ratio auto (per request: the fewest tokens holding the calibrated share of the question's "
+             "attention) against the same method at fixed ratios:", "",
+             "| method | target | n | mean share recomputed | top-1 | mean KL | fixed ratio with top-1 >= 99% "
+             "(its top-1) | fixed-ratio KL at auto's share |", "|---|---|---|---|---|---|---|---|"]
+    out = []
+    for m, t in sorted(autos):
+        base, s = m[: -len(AUTO_SUFFIX)], stats[(m, t)]
+        fixed = sorted((r, f) for (mm, r), f in stats.items() if mm == base and r is not None)
+        enough = [(r, f) for r, f in fixed if f["top1"] is not None and f["top1"] >= FIDELITY_TOP1 - 1e-9]
+        curve = [(r, f["kl"]) for r, f in fixed if f["kl"] is not None]
+        at_share = (float(np.interp(s["share"], *zip(*curve)))
+                    if s["share"] is not None and len(curve) >= 2 and curve[0][0] <= s["share"] <= curve[-1][0]
+                    else None)
+        best = enough[0] if enough else None
+        out.append({"method": base, "target": t, "n": s["n"], "share": s["share"], "top1": s["top1"], "kl": s["kl"],
+                    "fixed_ratio_99": best[0] if best else None, "fixed_top1": best[1]["top1"] if best else None,
+                    "fixed_kl_at_share": at_share})
+        fixed_cell = f"{best[0]:g} ({_fmt(best[1]['top1'], pct=True)})" if best else "none in grid"
+        shared_cell = "outside grid" if at_share is None else _fmt(at_share, ".4f")
+        lines.append(f"| {base} | {t:g} | {s['n']} | {_fmt(s['share'])} | {_fmt(s['top1'], pct=True)} | "
+                     f"{_fmt(s['kl'], '.4f')} | {fixed_cell} | {shared_cell} |")
+    return {"lines": lines, "rows": out}
+
+
+def _fmt(x, spec: str = ".3f", pct: bool = False) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:.1f}%" if pct else format(x, spec)
 
 
 def _head_to_head(rows: dict, ours: str) -> dict:
     """The project's method against every other selector at the same ratio, paired by sample."""
-    others = [m for m in _methods(rows) if m not in (ours, "fullcomp") and m not in RATIO_FREE]
+    others = [m for m in _methods(rows) if m not in (ours, "fullcomp") and m not in RATIO_FREE
+              and not m.endswith(AUTO_SUFFIX)]
     ratios = sorted(r for m, r in rows if m == ours)
     pairs = {f"{other}:{r:g}": paired_kl(rows[(ours, r)], rows[(other, r)])
              for r in ratios for other in others if (other, r) in rows}
@@ -276,7 +340,7 @@ def _plot(path: Path, dataset: str, stats: dict) -> None:
         if key == "rel_score" and not any(s["rel_score"] is not None for s in stats.values()):
             ax.text(0.5, 0.5, "full prefill scores 0: no relative quality", ha="center", transform=ax.transAxes)
     axes[1].legend(fontsize=8, loc="upper right")
-    fig.suptitle(f"{dataset}: quality vs TTFT (labels: recompute ratio)")
+    fig.suptitle(f"{dataset}: quality vs TTFT (labels: recompute ratio; for 'auto' curves, the target)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

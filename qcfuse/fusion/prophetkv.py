@@ -7,13 +7,14 @@ averaged over all layers. Accurate, but the whole cache must be read before fusi
 import torch
 
 from ..errors import QcfuseError
-from .probe import question_scores, top_positions
+from .probe import question_scores
 from .selector import Selector, register
 
 
 @register
 class ProphetKV(Selector):
     name = "prophetkv"
+    query_aware = True
 
     def __init__(self, ratio: float = 0.15, reduction: str = "mean"):
         super().__init__(ratio)
@@ -24,9 +25,8 @@ class ProphetKV(Selector):
     def score_layers(self, n_layers: int) -> list[int]:
         return list(range(n_layers))
 
-    def select(self, inputs):
+    def scores(self, inputs):
         model, layout, reused = inputs.model, inputs.layout, inputs.reused
         ctx_pos = torch.arange(layout.context_len, device=model.device)
-        scores = question_scores(model, layout, lambda layer: (ctx_pos, *reused.layer(layer)),
-                                 self.score_layers(model.n_layers), reused.keys, self.reduction)
-        return top_positions(scores, layout.doc_positions(), self.budget(layout))
+        return question_scores(model, layout, lambda layer: (ctx_pos, *reused.layer(layer)),
+                               self.score_layers(model.n_layers), reused.keys, self.reduction)

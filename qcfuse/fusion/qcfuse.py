@@ -13,7 +13,7 @@ import math
 import torch
 
 from ..errors import QcfuseError
-from .probe import attention_probs, question_scores, run_probe, top_positions
+from .probe import attention_probs, question_scores, run_probe
 from .selector import Selector, register
 
 PROBE_TEXT = "\n\nRepeat the passage above, word for word."
@@ -25,6 +25,7 @@ STORED_ANCHOR_RATIO = 0.10     # anchors kept in the query cache; a larger onlin
 @register
 class QCFuse(Selector):
     name = "qcfuse"
+    query_aware = True
 
     def __init__(self, ratio: float = 0.15, critical_layers: list[int] | None = None, n_critical: int = N_CRITICAL,
                  reduction: str = "mean", anchor_ratio: float = 0.10, smooth: int = 0, chunk_heads: int = 0):
@@ -35,6 +36,8 @@ class QCFuse(Selector):
             raise QcfuseError("anchor_ratio must be within (0, 1]")
         if int(smooth) < 0 or int(chunk_heads) < 0:
             raise QcfuseError("smooth and chunk_heads must be at least 0")
+        if self.auto is not None and int(chunk_heads):
+            raise QcfuseError("chunk_heads forces tokens in regardless of score: it does not combine with ratio auto")
         # smooth: a token also scores as its best neighbour within this many tokens (same chunk), so the
         # budget goes to whole spans around what the question attends to; chunk_heads: each chunk's first
         # tokens (where a chunk prefilled alone is most wrong) are taken first, inside the budget
@@ -53,7 +56,7 @@ class QCFuse(Selector):
         layers = self.layers_for(inputs.model)
         inputs.reused.stage_query(max(layers) + 1, self.anchor_ratio, layers)
 
-    def select(self, inputs):
+    def scores(self, inputs):
         model, layout, reused = inputs.model, inputs.layout, inputs.reused
         self.stage(inputs)                                  # no-op when the fuse loop staged it already
         scores = question_scores(model, layout, lambda layer: reused.anchors(layer, self.anchor_ratio),
@@ -67,7 +70,7 @@ class QCFuse(Selector):
                     scores[a:b] = torch.nn.functional.max_pool1d(scores[None, None, a:b], 2 * self.smooth + 1,
                                                                  stride=1, padding=self.smooth)[0, 0]
                 scores[a:a + self.chunk_heads] = float("inf")
-        return top_positions(scores, layout.doc_positions(), self.budget(layout))
+        return scores
 
     @classmethod
     def offline(cls, model, ids: list[int], entry) -> None:

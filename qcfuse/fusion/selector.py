@@ -19,6 +19,7 @@ from ..cache.loader import LayerLoader, to_device
 from ..errors import QcfuseError
 from ..model.transformer import Transformer
 from ..prompt import PromptLayout
+from .budget import AutoBudget, parse_ratio
 
 
 class ReusedKV:
@@ -207,16 +208,35 @@ class LayerView:
 class Selector:
     name: ClassVar[str]
     uses_cache: ClassVar[bool] = True          # False: plain prefill of everything, nothing read from the store
+    query_aware: ClassVar[bool] = False        # True: scores tokens by the question's attention (ratio auto works)
     refine_layers: tuple[int, ...] = ()
 
-    def __init__(self, ratio: float = 0.15):
-        if not 0.0 <= float(ratio) <= 1.0:
-            raise QcfuseError(f"ratio must be within [0, 1], got {ratio}")
-        self.ratio = float(ratio)
+    def __init__(self, ratio: float | str = 0.15):
+        fixed, target = parse_ratio(ratio)
+        self.auto: AutoBudget | None = None
+        if target is not None:
+            if not self.query_aware:
+                raise QcfuseError(f"ratio auto needs a query-aware method (qcfuse, prophetkv, fuserag); "
+                                  f"'{self.name}' has no per-token question scores to size its budget from")
+            self.auto = AutoBudget(target)
+        # a number, or "auto:TARGET" (the share each request recomputed is in its stats)
+        self.ratio: float | str = fixed if target is None else f"auto:{target:g}"
 
     def budget(self, layout: PromptLayout) -> int:
         """How many document tokens to recompute: the ratio always means a share of the document tokens."""
+        if self.auto is not None:
+            raise QcfuseError(f"{self.name}: ratio auto sizes the budget from scores (use `top`)")
         return int(round(self.ratio * layout.n_doc_tokens))
+
+    def top(self, scores: torch.Tensor, inputs: FusionInputs) -> torch.Tensor:
+        """The document positions to recompute, given a score per document token: the top `budget`, or
+        with ratio auto the fewest that hold the calibrated share of the scores (fusion/budget.py)."""
+        from .probe import top_positions
+        layout = inputs.layout
+        if self.auto is None:
+            return top_positions(scores, layout.doc_positions(), self.budget(layout))
+        mass = self.auto.mass_for(getattr(inputs.model, "auto_calibration", None), self.name)
+        return top_positions(scores, layout.doc_positions(), self.auto.tokens(scores, mass))
 
     @classmethod
     def offline(cls, model, ids: list[int], entry: ChunkKV) -> None:
@@ -227,7 +247,14 @@ class Selector:
         streaming behind them (default: none)."""
 
     def select(self, inputs: FusionInputs) -> torch.Tensor:
-        """Absolute positions of the document tokens to recompute from layer 0 (the suffix always is)."""
+        """Absolute positions of the document tokens to recompute from layer 0 (the suffix always is).
+        Query-aware selectors implement `scores` instead and keep the top."""
+        if self.query_aware:
+            return self.top(self.scores(inputs), inputs)
+        raise NotImplementedError
+
+    def scores(self, inputs: FusionInputs) -> torch.Tensor:
+        """Query-aware selectors: one score per document token (summing to 1), in document order."""
         raise NotImplementedError
 
     def refine(self, view: LayerView) -> torch.Tensor:
@@ -236,6 +263,7 @@ class Selector:
 
 
 SELECTORS: dict[str, type[Selector]] = {}
+DEFAULT_METHOD, DEFAULT_RATIO = "qcfuse", 0.15     # the CLI, the Python API and the server, when none is named
 
 
 def register(cls: type[Selector]) -> type[Selector]:
@@ -243,10 +271,21 @@ def register(cls: type[Selector]) -> type[Selector]:
     return cls
 
 
-def make_selector(name: str, ratio: float = 0.15, **options) -> Selector:
+def make_selector(name: str, ratio: float | str = DEFAULT_RATIO, **options) -> Selector:
+    """A selector by name; ratio is a share in [0, 1] or "auto[:TARGET]" (then options may bound it with
+    max_ratio and min_ratio)."""
     if name not in SELECTORS:
         raise QcfuseError(f"unknown method '{name}' (choose from: {', '.join(sorted(SELECTORS))})")
+    bounds = {key: options.pop(key) for key in ("max_ratio", "min_ratio") if key in options}
     try:
-        return SELECTORS[name](ratio=ratio, **options)
+        selector = SELECTORS[name](ratio=ratio, **options)
     except TypeError as exc:          # an option this method does not have
         raise QcfuseError(f"bad option for method '{name}': {exc}") from None
+    if bounds:
+        if selector.auto is None:
+            raise QcfuseError(f"{', '.join(bounds)} only apply to ratio auto")
+        try:
+            selector.auto = AutoBudget(selector.auto.target, **{k: float(v) for k, v in bounds.items()})
+        except (TypeError, ValueError):
+            raise QcfuseError(f"max_ratio and min_ratio must be numbers, got {bounds}") from None
+    return selector

@@ -77,11 +77,12 @@ class LoadedModel:
 
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, quiet: bool = False) -> LoadedModel:
-    from ..profile import load_profile
+    from .profiles import load_profile
     directory = resolve_model_dir(spec, quiet=quiet)
     transformer = Transformer(_load_hf_dir(directory, dtype))
-    profile = load_profile(directory, alias_of(spec, directory))
-    transformer.critical_layers = profile["critical_layers"] if profile else None   # read by QCFuse
+    profile = load_profile(directory, alias_of(spec, directory)) or {}
+    transformer.critical_layers = profile.get("critical_layers")        # read by QCFuse
+    transformer.auto_calibration = profile.get("auto")                  # read by ratio auto (fusion/budget.py)
     return LoadedModel(spec, transformer, _load_tokenizer(directory), directory=directory)
 
 

@@ -25,7 +25,9 @@ class Transformer:
         self.n_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.max_positions = cfg.max_position_embeddings
+        self.vocab_size = hf_model.get_output_embeddings().weight.shape[0]     # logits per position
         self.critical_layers: list[int] | None = None    # QCFuse's profiled layers, when known
+        self.auto_calibration: dict | None = None        # ratio auto's calibrated attention shares, when known
         first = next(hf_model.parameters())
         self.dtype, self.device = first.dtype, first.device
         self.scattered_kernel: str | None = None       # None: attention.default_kernel(device) decides
@@ -86,8 +88,7 @@ class Transformer:
         """Write reused pre-RoPE keys [Hkv, n, D] and values of positions start..start+n-1 into the buffer,
         rotating the keys straight into place (no temporary copy of the reused context per layer)."""
         n = k_pre.shape[1]
-        positions = torch.arange(start, start + n, device=self.device)
-        self.rope(layer, k_pre, positions, out=buffer.k[layer, :, start:start + n])
+        self.rope(layer, k_pre, range(start, start + n), out=buffer.k[layer, :, start:start + n])
         buffer.v[layer, :, start:start + n].copy_(v)
 
     def new_buffer(self, capacity: int):

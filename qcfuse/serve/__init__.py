@@ -1,4 +1,5 @@
-"""`qcfuse serve`: an OpenAI-compatible chat completions server whose documents become reusable KV-cache chunks."""
+"""`qcfuse serve`: an OpenAI-compatible server (chat and text completions) whose documents become reusable
+KV-cache chunks."""
 from __future__ import annotations
 
 import socket
@@ -20,8 +21,8 @@ def check_port_free(host: str, port: int) -> None:
         raise QcfuseError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
-def run_server(engine, model_name: str, host: str, port: int, method: str, ratio: float,
-               log_level: str = "info", max_queue: int = 64) -> None:
+def run_server(engine, model_name: str, host: str, port: int, log_level: str = "info", **app_options) -> None:
+    """Serve until interrupted; `app_options` go to create_app (method, ratio, max_queue, api_key, ...)."""
     import uvicorn
-    app = create_app(engine, model_name, method=method, ratio=ratio, max_queue=max_queue)
+    app = create_app(engine, model_name, **app_options)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -1,10 +1,12 @@
-"""The OpenAI-compatible HTTP API over one FusionEngine: chat completions (plain and SSE), models, health, metrics."""
+"""The OpenAI-compatible HTTP API over one FusionEngine: chat and text completions (plain and SSE), models,
+health, metrics."""
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
 import math
+import secrets
 import time
 from contextlib import asynccontextmanager
 
@@ -15,11 +17,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import FusionEngine
 from ..errors import QcfuseError
-from ..fusion import make_selector
+from ..fusion import DEFAULT_METHOD, DEFAULT_RATIO, make_selector
 from .metrics import ServerMetrics
-from .schema import (MAX_BODY_BYTES, APIError, ChatRequest, chunk_body, completion_body, error_body,
-                     new_completion_id, parse_chat_request)
-from .streaming import TokenStream
+from .schema import MAX_BODY_BYTES, APIError, CompletionRequest, Replies, error_body, fusion_stats, parse_request
 from .worker import EngineWorker, PreparedRequest, prepare
 
 log = logging.getLogger("qcfuse.serve")
@@ -27,11 +27,13 @@ MAX_QUEUE = 64            # requests waiting for the engine before new ones get 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def create_app(engine: FusionEngine, model_name: str, method: str = "qcfuse", ratio: float = 0.15,
-               max_body_bytes: int = MAX_BODY_BYTES, max_queue: int = MAX_QUEUE) -> FastAPI:
+def create_app(engine: FusionEngine, model_name: str, method: str = DEFAULT_METHOD, ratio: float = DEFAULT_RATIO,
+               max_body_bytes: int = MAX_BODY_BYTES, max_queue: int = MAX_QUEUE, api_key: str | None = None,
+               auth_all_routes: bool = False) -> FastAPI:
     """An app serving `engine` as model `model_name`. `method`/`ratio` apply when a request names no fusion;
     bodies over `max_body_bytes` are refused with 413; with `max_queue` requests already waiting for the
-    engine, a new one is refused with 429 and a Retry-After estimate (clients back off instead of piling up)."""
+    engine, a new one is refused with 429 and a Retry-After estimate (clients back off instead of piling up).
+    With `api_key`, every /v1 route (every route with `auth_all_routes`) wants `Authorization: Bearer KEY`."""
     make_selector(method, ratio)              # a bad default fails at start-up, not on the first request
     if max_queue < 1:
         raise QcfuseError("--max_queue must be at least 1")
@@ -40,6 +42,8 @@ def create_app(engine: FusionEngine, model_name: str, method: str = "qcfuse", ra
     # turn; and a running estimate of the time one request holds the engine
     queue = {"arriving": 0, "waiting": 0, "service_s": 1.0}
     metrics = ServerMetrics()
+    metrics.queue_depth.set_function(lambda: queue["arriving"] + queue["waiting"])
+    metrics.running.set_function(lambda: 1 if worker.turn().locked() else 0)
     started = int(time.time())
 
     @asynccontextmanager
@@ -74,10 +78,24 @@ def create_app(engine: FusionEngine, model_name: str, method: str = "qcfuse", ra
         return error_response(500, error_body(f"internal error: {type(exc).__name__}", "server_error",
                                               code="internal_error"))
 
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        path = request.url.path
+        if api_key is None or not (auth_all_routes or path == "/v1" or path.startswith("/v1/")):
+            return await call_next(request)
+        if not _authorized(request.headers.get("authorization"), api_key):
+            return error_response(401, error_body("missing or wrong API key: send 'Authorization: Bearer KEY' with "
+                                                  "the key the server was started with", code="invalid_api_key"),
+                                  {"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
     # -- routes -----------------------------------------------------------------------------------------------
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name}
+        """"ok", or "degraded" with the reasons while a configured tier cannot be used (the server still
+        answers from the other tiers, so it stays 200)."""
+        problems = await asyncio.to_thread(engine.store.health)
+        return {"status": "degraded" if problems else "ok", "model": model_name, "problems": problems}
 
     @app.get("/v1/models")
     async def models():
@@ -86,7 +104,10 @@ def create_app(engine: FusionEngine, model_name: str, method: str = "qcfuse", ra
 
     @app.get("/metrics")
     async def prometheus():
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        def render():
+            metrics.observe_store(engine.store.stats())
+            return metrics.render()
+        return Response(await asyncio.to_thread(render), media_type=CONTENT_TYPE_LATEST)
 
     @asynccontextmanager
     async def engine_turn():
@@ -118,46 +139,62 @@ def create_app(engine: FusionEngine, model_name: str, method: str = "qcfuse", ra
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        return await complete(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await complete(request, "text")
+
+    async def complete(request: Request, route: str):
         arrived = time.perf_counter()
-        metrics.requests.inc()
+        metrics.requests.labels(route=route).inc()
         admit()
         try:
-            chat = parse_chat_request(await _read_json(request, max_body_bytes), model_name, method, ratio)
-            prepared = await worker.run(prepare, engine, chat)
+            asked = parse_request(route, await _read_json(request, max_body_bytes), model_name, method, ratio)
+            prepared = await worker.run(prepare, engine, asked)
         finally:        # from here it counts as waiting (engine_turn), with no await in between
             queue["arriving"] -= 1
-        if chat.stream:
-            return StreamingResponse(stream_events(chat, prepared, arrived), media_type="text/event-stream",
-                                     headers=SSE_HEADERS)
+        replies = Replies(route, model_name, engine.model.fingerprint, asked.include_usage)
+        if asked.stream:
+            return StreamingResponse(stream_events(asked, prepared, replies, arrived),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
         with metrics.in_flight.track_inprogress():
             async with engine_turn():
                 queue_s = time.perf_counter() - arrived
                 if await request.is_disconnected():        # left while queued: do not generate for nobody
                     metrics.disconnects.inc()
                     return Response(status_code=499)
-                gen = await worker.run(engine.generate_layout, prepared.layout, prepared.selector, chat.max_tokens)
-        stats = record(gen.stats, prepared, queue_s, arrived)
-        finish = "stop" if gen.token_ids and gen.token_ids[-1] in engine.model.stop_ids else "length"
-        cid, created = new_completion_id()
-        return JSONResponse(completion_body(cid, created, model_name, gen.answer, finish, stats))
+                gen = await worker.run(engine.generate_layout, prepared.layout, prepared.selector, asked.max_tokens,
+                                       None, asked.sampling, route == "chat")
+        stats = record(gen.stats, queue_s, arrived)
+        return JSONResponse(replies.body(gen.choices, stats))
 
-    async def stream_events(chat: ChatRequest, prepared: PreparedRequest, arrived: float):
-        """SSE chunks of one answer. Holding the turn across yields means a slow reader slows only its own
-        request's turn; a client that leaves cancels this generator and frees the turn at the next token."""
-        cid, created = new_completion_id()
+    async def stream_events(asked: CompletionRequest, prepared: PreparedRequest, replies: Replies, arrived: float):
+        """SSE chunks of the answers, one after the other (`index` tells them apart). Holding the turn across
+        yields means a slow reader slows only its own request's turn; a client that leaves cancels this
+        generator and frees the turn at the next token."""
         try:
             with metrics.in_flight.track_inprogress():
                 async with engine_turn():
                     queue_s = time.perf_counter() - arrived
-                    stream = await worker.run(TokenStream, engine, prepared.layout, prepared.selector,
-                                              chat.max_tokens)
-                    yield _event(chunk_body(cid, created, model_name, {"role": "assistant", "content": ""}))
-                    while not stream.finished:
-                        text = await worker.run(stream.next_text)
-                        if text:
-                            yield _event(chunk_body(cid, created, model_name, {"content": text}))
-            stats = record(stream.stats, prepared, queue_s, arrived)
-            yield _event(chunk_body(cid, created, model_name, {}, stream.finish_reason, stats))
+                    answers = await worker.run(engine.start, prepared.layout, prepared.selector, asked.max_tokens,
+                                               asked.sampling, None, asked.route == "chat")
+                    for index in range(answers.n):
+                        decoding = answers.next()
+                        if asked.route == "chat":
+                            yield _event(replies.chunk(index, role=True))
+                        while not decoding.finished:
+                            text = await worker.run(decoding.step)
+                            if text:
+                                yield _event(replies.chunk(index, text, decoding.take_logprobs()))
+                        last = replies.chunk(index, finish_reason=decoding.finish_reason)
+                        if index == answers.n - 1:
+                            stats = record(answers.stats, queue_s, arrived)
+                            if not asked.include_usage:       # qcfuse's stats ride on the last chunk
+                                last["fusion"] = fusion_stats(stats)
+                        yield _event(last)
+            if asked.include_usage:
+                yield _event(replies.usage_chunk(stats))
             yield "data: [DONE]\n\n"
         except (asyncio.CancelledError, GeneratorExit):
             metrics.disconnects.inc()
@@ -168,9 +205,9 @@ def create_app(engine: FusionEngine, model_name: str, method: str = "qcfuse", ra
             yield _event(error_body(f"internal error: {type(exc).__name__}", "server_error", code="internal_error"))
             yield "data: [DONE]\n\n"
 
-    def record(stats: dict, prepared: PreparedRequest, queue_s: float, arrived: float) -> dict:
-        """Count one answered request in the metrics; its stats as the client sees them."""
-        stats = server_stats(stats, prepared, queue_s)
+    def record(stats: dict, queue_s: float, arrived: float) -> dict:
+        """Count one answered request in the metrics; its stats as the client sees them (plus time queued)."""
+        stats = {**stats, "queue_s": queue_s}
         metrics.observe(stats)
         metrics.latency.observe(time.perf_counter() - arrived)
         return stats
@@ -184,14 +221,14 @@ class QueueFull(Exception):
         self.retry_after_s = retry_after_s
 
 
-def server_stats(stats: dict, prepared: PreparedRequest, queue_s: float) -> dict:
-    """The engine's stats plus what the server knows: time queued and document tokens taken from caches."""
-    stats = dict(stats)
-    if "cached_tokens" not in stats:
-        reused = prepared.selector.uses_cache
-        stats["cached_tokens"] = stats.get("context_tokens", 0) - stats.get("recomputed_tokens", 0) if reused else 0
-    stats["queue_s"] = queue_s
-    return stats
+def _authorized(header: str | None, api_key: str) -> bool:
+    scheme, _, token = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode("utf-8", "surrogatepass"),
+                                                                 api_key.encode("utf-8", "surrogatepass"))
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 async def _read_json(request: Request, limit: int) -> object:
@@ -206,7 +243,9 @@ async def _read_json(request: Request, limit: int) -> object:
         if len(body) > limit:
             raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
     try:
-        return json.loads(body)
+        return json.loads(body, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from ..engine import FusionEngine
 from ..errors import QcfuseError
 from ..fusion import Selector, make_selector
-from ..prompt import PromptLayout
-from .schema import APIError, ChatRequest
+from ..prompt import PromptLayout, build_text_layout
+from ..sampling import SamplingError, check_vocabulary
+from .schema import APIError, CompletionRequest
 
 
 class EngineWorker:
@@ -43,16 +44,28 @@ class PreparedRequest:
     selector: Selector
 
 
-def prepare(engine: FusionEngine, chat: ChatRequest) -> PreparedRequest:
-    """Tokenize the prompt and check it fits the window (on the engine thread: the tokenizer is not shared)."""
-    if chat.documents:
-        layout, selector = engine.layout(chat.documents, chat.question), chat.selector
-    else:   # nothing to fuse: the same template with no passages, plain prefill
-        shaped = engine.layout(["-"], chat.question)
-        layout = PromptLayout(shaped.prefix, [], shaped.suffix, shaped.question)
+def prepare(engine: FusionEngine, request: CompletionRequest) -> PreparedRequest:
+    """Tokenize the prompt and check it fits the window (on the engine thread: the tokenizer is not shared).
+    Everything a request can get wrong is found here, before a stream's 200 goes out."""
+    where = "messages" if request.route == "chat" else "prompt"
+    selector = request.selector
+    try:
+        check_vocabulary(request.sampling, engine.model.transformer.vocab_size)
+        if request.route == "text":
+            layout = build_text_layout(engine.model.tokenizer, request.documents, request.prompt)
+        elif request.documents:
+            layout = engine.layout(request.documents, request.question)
+        else:   # nothing to fuse: the same template with no passages
+            shaped = engine.layout(["-"], request.question)
+            layout = PromptLayout(shaped.prefix, [], shaped.suffix, shaped.question)
+    except SamplingError as exc:
+        raise APIError(400, str(exc), param=exc.param) from None
+    except QcfuseError as exc:
+        raise APIError(400, str(exc), param=where) from None
+    if not layout.chunks:           # plain prefill
         selector = make_selector("fullcomp")
     try:
-        engine.check_fits(layout, chat.max_tokens)
+        engine.check_fits(layout, request.max_tokens)
     except QcfuseError as exc:
-        raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
+        raise APIError(400, str(exc), param=where, code="context_length_exceeded") from None
     return PreparedRequest(layout, selector)

@@ -1,0 +1,120 @@
+"""`--ratio auto`: a per-request budget, the fewest tokens a query-aware selector's own scores say are needed.
+
+A query-aware selector scores every document token by the share of the question's attention it receives (the
+scores sum to 1). The rule: recompute the smallest set of top-scored tokens that holds a share `mass` of that
+attention, within [min_ratio, max_ratio] of the document tokens. `mass` is not guessed: `qcfuse calibrate`
+measures, on a calibration set, the attention share each sample needed for the fused first token to match full
+prefill's from there on, and ships, per fidelity target t, the t-quantile of those shares (so on the calibration
+set a share t of the samples were served by that mass). Requests whose question attends sharply get few
+tokens; diffuse ones get more.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import QcfuseError
+
+AUTO = "auto"
+DEFAULT_TARGET = 0.99
+DEFAULT_MAX_RATIO = 1.0
+
+
+def parse_ratio(ratio) -> tuple[float | None, float | None]:
+    """A ratio spec: a number in [0, 1], or "auto" / "auto:TARGET". Returns (fixed ratio, auto target)."""
+    if isinstance(ratio, str):
+        text = ratio.strip().lower()
+        if text == AUTO or text.startswith(AUTO + ":"):
+            target = text[len(AUTO) + 1:] or None
+            try:
+                value = DEFAULT_TARGET if target is None else float(target)
+            except ValueError:
+                raise QcfuseError(f"bad ratio '{ratio}': the auto target must be a number, e.g. auto:0.99") from None
+            if not 0.0 < value < 1.0:
+                raise QcfuseError(f"the auto target must be within (0, 1), got {value:g}")
+            return None, value
+        try:
+            ratio = float(text)
+        except ValueError:
+            raise QcfuseError(f"ratio must be a number within [0, 1] or 'auto', got '{ratio}'") from None
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
+        raise QcfuseError(f"ratio must be a number within [0, 1] or 'auto', got {ratio!r}")
+    if not 0.0 <= float(ratio) <= 1.0:
+        raise QcfuseError(f"ratio must be within [0, 1], got {ratio}")
+    return float(ratio), None
+
+
+def ratio_spec(ratio: str | float, target: float | None = None) -> float | str:
+    """What --ratio and --target on a command line mean together: a number, or "auto:TARGET"."""
+    fixed, auto_target = parse_ratio(ratio)
+    if target is not None:
+        if fixed is not None:
+            raise QcfuseError("--target applies to --ratio auto only")
+        fixed, auto_target = parse_ratio(f"{AUTO}:{target}")
+    return fixed if auto_target is None else f"{AUTO}:{auto_target:g}"
+
+
+def ratio_value(text: str) -> float | str:
+    """One item of a --ratios list: a number, or an auto spec kept as "auto:TARGET"."""
+    fixed, target = parse_ratio(text)
+    return fixed if target is None else f"{AUTO}:{target:g}"
+
+
+def ratio_label(ratio: float | str | None) -> str:
+    """How runs are named: 0.15 -> '0.15', auto at 0.99 -> 'auto0.99'."""
+    if ratio is None:
+        return "-"
+    fixed, target = parse_ratio(ratio)
+    return f"{fixed:g}" if target is None else f"auto{target:g}"
+
+
+@dataclass
+class AutoBudget:
+    target: float = DEFAULT_TARGET
+    max_ratio: float = DEFAULT_MAX_RATIO
+    min_ratio: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.min_ratio <= self.max_ratio <= 1.0:
+            raise QcfuseError(f"need 0 <= min_ratio <= max_ratio <= 1, got {self.min_ratio:g} and {self.max_ratio:g}")
+
+    def mass_for(self, calibration: dict | None, selector: str) -> float:
+        """The calibrated attention share for this target (linear between calibrated targets)."""
+        table = (calibration or {}).get(selector)
+        if not table:
+            raise QcfuseError(f"ratio auto: no calibration of '{selector}' for this model (run `qcfuse calibrate "
+                              f"--model ... --methods {selector}` once; it is stored with the model)")
+        targets, masses = table["targets"], table["mass"]
+        if not targets[0] <= self.target <= targets[-1]:
+            raise QcfuseError(f"ratio auto: target {self.target:g} is outside the calibrated range "
+                              f"{targets[0]:g}..{targets[-1]:g} for '{selector}'")
+        for (t0, m0), (t1, m1) in zip(zip(targets, masses), zip(targets[1:], masses[1:])):
+            if t0 <= self.target <= t1:
+                return m0 if t1 == t0 else m0 + (m1 - m0) * (self.target - t0) / (t1 - t0)
+        return masses[-1]
+
+    def tokens(self, scores: torch.Tensor, mass: float) -> int:
+        """How many top-scored tokens hold `mass` of the scores' total, within the ratio bounds."""
+        n = scores.numel()
+        if n == 0:
+            return 0
+        return clamp_count(tokens_for_mass(scores, mass), n, self.min_ratio, self.max_ratio)
+
+
+def tokens_for_mass(scores: torch.Tensor, mass: float) -> int:
+    """The smallest k whose top-k scores hold `mass` of the total (one read of a scalar from the device)."""
+    ordered = scores.float().sort(descending=True).values.cumsum(0)
+    return int((ordered < mass * ordered[-1]).sum()) + 1 if mass > 0 else 0
+
+
+def mass_of_top(scores: torch.Tensor, k: int) -> float:
+    """The share of the scores' total held by the top k (what calibration records per sample)."""
+    ordered = scores.float().sort(descending=True).values
+    total = float(ordered.sum())
+    return float(ordered[:k].sum()) / total if total > 0 else 1.0
+
+
+def clamp_count(k: int, n: int, min_ratio: float, max_ratio: float) -> int:
+    return max(math.ceil(min_ratio * n - 1e-9), min(k, math.floor(max_ratio * n + 1e-9), n))
