@@ -20,6 +20,7 @@ from ..errors import QcfuseError
 from ..model.transformer import Transformer
 from ..prompt import PromptLayout
 from .budget import AutoBudget, parse_ratio
+from .probe import top_positions
 
 
 class ReusedKV:
@@ -231,7 +232,6 @@ class Selector:
     def top(self, scores: torch.Tensor, inputs: FusionInputs) -> torch.Tensor:
         """The document positions to recompute, given a score per document token: the top `budget`, or
         with ratio auto the fewest that hold the calibrated share of the scores (fusion/budget.py)."""
-        from .probe import top_positions
         layout = inputs.layout
         if self.auto is None:
             return top_positions(scores, layout.doc_positions(), self.budget(layout))
