@@ -296,18 +296,12 @@ def _calibrate(args) -> int:
         if log:
             log.close()
     out = Path(args.out) if args.out else model.directory / PROFILE_FILE
-    auto = {**(load_profile_auto(out)), **result["auto"]}
-    update_profile(out, {"auto": auto, "auto_sets": args.sets, "auto_seconds": result["seconds"]})
+    update_profile(out, {"auto": result["auto"], "auto_sets": args.sets, "auto_seconds": result["seconds"]})
     for method, table in result["auto"].items():
         pairs = ", ".join(f"{t:g} -> {m:.3f}" for t, m in zip(table["targets"], table["mass"]))
         print(f"{method}: attention share per target ({table['samples']} samples): {pairs}")
     print(f"written to {out}")
     return 0
-
-
-def load_profile_auto(path: Path) -> dict:
-    """Calibrations of other methods already in the profile (kept when one method is recalibrated)."""
-    return (json.loads(path.read_text()).get("auto") or {}) if path.is_file() else {}
 
 
 def _logprob_json(lp) -> dict:
@@ -323,8 +317,8 @@ def _fetch(args) -> int:
 
 def _profile(args) -> int:
     from .engine import FusionEngine
-    from .model.profiles import update_profile
-    from .profile import PROFILE_FILE, musique_samples, profile_model
+    from .model.profiles import PROFILE_FILE, update_profile
+    from .profile import musique_samples, profile_model
     samples = musique_samples(args.data, args.samples, args.passages)
     model = _load(args)
     result = profile_model(FusionEngine(model), samples, args.ratio, args.n_critical)
@@ -438,8 +432,8 @@ def _eval_config(args, **extra):
 
 def _eval(args) -> int:
     from .eval.runner import run_eval
-    from .fusion.budget import ratio_value
-    cfg = _eval_config(args, method=args.method, ratio=ratio_value(args.ratio), options=_options(args.opt),
+    from .fusion.budget import ratio_spec
+    cfg = _eval_config(args, method=args.method, ratio=ratio_spec(args.ratio), options=_options(args.opt),
                        out=args.out)
     run_eval(cfg)
     return 0
@@ -447,9 +441,9 @@ def _eval(args) -> int:
 
 def _sweep(args) -> int:
     from .eval.sweep import parse_list, run_sweep
-    from .fusion.budget import ratio_value
+    from .fusion.budget import ratio_spec
     methods = parse_list(args.methods, "methods")
-    ratios = parse_list(args.ratios, "ratios", ratio_value)
+    ratios = parse_list(args.ratios, "ratios", ratio_spec)
     if args.report:
         from .eval.sweep import report_finished
         report_finished(args.out_dir or f"results/sweep_{args.dataset}", args.dataset, methods, ratios)

@@ -21,8 +21,8 @@ from tqdm import tqdm
 from .engine import FusionEngine
 from .errors import QcfuseError
 from .fusion import ReusedKV, Selector, make_selector
+from .fusion.budget import mass_of_top
 from .fusion.probe import attention_probs, run_probe, top_positions
-from .model.profiles import PACKAGED, PROFILE_FILE, load_profile  # noqa: F401  (re-exported)
 
 
 class _Fixed(Selector):
@@ -112,7 +112,6 @@ def needed_share(engine: FusionEngine, layout, scores: torch.Tensor, full_logits
                  grid=AUTO_GRID) -> dict:
     """The smallest grid ratio whose top-scored tokens, fused, give full prefill's first token (1.0 when none
     does), and the share of the scores' total those tokens hold: what ratio auto must reach on this sample."""
-    from .fusion.budget import mass_of_top
     n_doc, top1 = layout.n_doc_tokens, int(full_logits.argmax())
     tried = []
     for ratio in grid:

@@ -160,3 +160,14 @@ def test_generate_cli_reports_what_auto_chose(capsys, tmp_path):
     assert out["ratio"] == "auto:0.9" and 0 < out["recomputed_share"] <= 1
     assert main(["generate", *docs, "-q", QUESTION, "--method", "epic", "--ratio", "auto"]) == 2
     assert "query-aware" in capsys.readouterr().err
+
+
+def test_recalibrating_one_method_keeps_the_others(tmp_path):
+    from qcfuse.model.profiles import load_profile, update_profile
+    path = tmp_path / "qcfuse-profile.json"
+    update_profile(path, {"critical_layers": [5, 6, 7], "auto": {"prophetkv": CALIBRATION["prophetkv"]}})
+    update_profile(path, {"auto": {"qcfuse": CALIBRATION["qcfuse"]}, "auto_sets": "x[0:1]"})
+    profile = load_profile(tmp_path, None)
+    assert profile["auto"] == CALIBRATION and profile["critical_layers"] == [5, 6, 7]
+    update_profile(path, {"critical_layers": [3]})                  # plain values are replaced
+    assert load_profile(tmp_path, None)["critical_layers"] == [3]

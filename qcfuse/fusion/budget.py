@@ -56,12 +56,6 @@ def ratio_spec(ratio: str | float, target: float | None = None) -> float | str:
     return fixed if auto_target is None else f"{AUTO}:{auto_target:g}"
 
 
-def ratio_value(text: str) -> float | str:
-    """One item of a --ratios list: a number, or an auto spec kept as "auto:TARGET"."""
-    fixed, target = parse_ratio(text)
-    return fixed if target is None else f"{AUTO}:{target:g}"
-
-
 def ratio_label(ratio: float | str | None) -> str:
     """How runs are named: 0.15 -> '0.15', auto at 0.99 -> 'auto0.99'."""
     if ratio is None:

@@ -23,10 +23,13 @@ def load_profile(model_dir: Path | None, alias: str | None) -> dict | None:
 
 
 def update_profile(path: Path, updates: dict) -> dict:
-    """Merge `updates` into the profile at `path` (created if missing), keeping every other key."""
+    """Merge `updates` into the profile at `path` (created if missing), keeping every other key; a table
+    (e.g. ratio auto's, per method) is merged one level down, so recalibrating one method keeps the others."""
     path = Path(path)
     profile = json.loads(path.read_text()) if path.is_file() else {}
-    profile.update(updates)
+    for key, value in updates.items():
+        old = profile.get(key)
+        profile[key] = {**old, **value} if isinstance(old, dict) and isinstance(value, dict) else value
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(profile, indent=1) + "\n")
     return profile

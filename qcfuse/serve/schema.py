@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from ..engine import Choice
 from ..fusion import SELECTORS, Selector, make_selector
-from ..fusion.budget import AUTO, parse_ratio
+from ..fusion.budget import AUTO, ratio_spec
 from ..errors import QcfuseError
 from ..sampling import SamplingError, SamplingParams, TokenLogprob
 
@@ -238,42 +238,32 @@ def _selector(fusion: object, default_method: str, default_ratio: float) -> Sele
         raise APIError(400, f"unknown method {_show(method)} (choose from: {', '.join(sorted(SELECTORS))})",
                        param="fusion.method")
     ratio = fusion.get("ratio", default_ratio)
-    if isinstance(ratio, str) and ratio.strip().lower().startswith(AUTO):
-        ratio = _auto_ratio(ratio, fusion.get("target"))
-    elif isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) \
-            or not 0.0 <= ratio <= 1.0:
+    auto = isinstance(ratio, str) and ratio.strip().lower().startswith(AUTO)
+    if not auto and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio)
+                     or not 0.0 <= ratio <= 1.0):
         raise APIError(400, f"fusion.ratio must be a number within [0, 1] or \"auto\", got {_show(ratio)}",
                        param="fusion.ratio")
-    options = {}
     for key in ("target", "max_ratio"):
         value = fusion.get(key)
         if value is None:
             continue
-        if not (isinstance(ratio, str) and ratio.startswith(AUTO)):
+        if not auto:
             raise APIError(400, f"fusion.{key} applies to \"ratio\": \"auto\" only", param=f"fusion.{key}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                 or not 0.0 < value <= 1.0 or (key == "target" and value >= 1.0):
             bounds = "(0, 1)" if key == "target" else "(0, 1]"
             raise APIError(400, f"fusion.{key} must be a number within {bounds}, got {_show(value)}",
                            param=f"fusion.{key}")
-        if key == "max_ratio":
-            options["max_ratio"] = float(value)
+    options = {"max_ratio": float(fusion["max_ratio"])} if fusion.get("max_ratio") is not None else {}
+    if auto:
+        try:
+            ratio = ratio_spec(ratio, fusion.get("target"))          # "auto", "auto:0.9", or a separate target
+        except QcfuseError as exc:
+            raise APIError(400, f"fusion.ratio: {exc}", param="fusion.ratio") from None
     try:
         return make_selector(method, ratio, **options)
     except QcfuseError as exc:
         raise APIError(400, str(exc), param="fusion") from None
-
-
-def _auto_ratio(ratio: str, target) -> str:
-    """"auto", "auto:0.9" or "auto" with a separate target: the spec make_selector takes."""
-    try:
-        fixed, spec_target = parse_ratio(ratio)
-    except QcfuseError as exc:
-        raise APIError(400, f"fusion.ratio: {exc}", param="fusion.ratio") from None
-    if target is not None and isinstance(target, (int, float)) and not isinstance(target, bool) \
-            and math.isfinite(target) and 0.0 < target < 1.0:
-        spec_target = float(target)
-    return f"{AUTO}:{spec_target:g}"
 
 
 def _max_tokens(body: dict, route: str) -> int:
