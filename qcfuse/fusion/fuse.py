@@ -25,14 +25,17 @@ from .selector import FusionInputs, LayerView, ReusedKV, Selector
 @dataclass
 class FuseResult:
     buffer: KVBuffer          # the prompt's K/V (after RoPE) for every layer, ready for decoding
-    logits: torch.Tensor      # [vocab] first-token logits
+    logits: torch.Tensor | None   # [vocab] first-token logits (None when only the context was filled)
     recomputed: torch.Tensor  # document positions recomputed through the last layer
     selection_s: float
 
 
 @torch.inference_mode()
 def fuse(model: Transformer, layout: PromptLayout, reused: ReusedKV | None, selector: Selector,
-         capacity: int) -> FuseResult:
+         capacity: int, context_only: bool = False) -> FuseResult:
+    """context_only: fill the context's K/V and stop there (no suffix rows, no logits): for a caller that runs
+    the question itself, as vLLM does behind the connector. The context's K/V are the same either way, since
+    no context row attends to the suffix."""
     n, ctx = layout.n_tokens, layout.context_len
     ids = upload(layout.ids, model.device)
     docs = layout.doc_positions()
@@ -50,6 +53,8 @@ def fuse(model: Transformer, layout: PromptLayout, reused: ReusedKV | None, sele
     else:   # plain prefill: the prefix is computed too and nothing is read
         doc_rows, selection_s = docs, 0.0
         always = torch.cat([torch.arange(len(layout.prefix)), layout.suffix_positions()])
+    if context_only:
+        always = always[always < ctx]
 
     rows = torch.cat([doc_rows, always]).sort().values                     # on the host: plans need no sync
     attention = model.plan(rows, n)
@@ -76,7 +81,8 @@ def fuse(model: Transformer, layout: PromptLayout, reused: ReusedKV | None, sele
             selection_s += time.perf_counter() - t0
 
     recomputed = rows[(rows >= len(layout.prefix)) & (rows < ctx)]
-    return FuseResult(buffer, model.logits(h[-1:])[0], recomputed.cpu(), selection_s)
+    logits = None if context_only else model.logits(h[-1:])[0]
+    return FuseResult(buffer, logits, recomputed.cpu(), selection_s)
 
 
 def synchronize(device: torch.device) -> None:

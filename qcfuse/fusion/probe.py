@@ -49,13 +49,21 @@ def top_positions(scores: torch.Tensor, positions: torch.Tensor, k: int) -> torc
     return positions[scores.float().topk(k).indices.cpu()].sort().values
 
 
+QUERY_ROWS = ("suffix", "question", "last")     # which suffix rows' attention scores the documents
+
+
 def question_scores(model: Transformer, layout, context: Context, layers: list[int],
-                    keys: Callable[[int], torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+                    keys: Callable[[int], torch.Tensor], reduction: str = "mean", head_norm: bool = False,
+                    query_rows: str = "suffix") -> torch.Tensor:
     """Score every document token by the attention the suffix (question + answer cue) pays it.
 
     The suffix runs through layers 0..max(layers) over context(l); at each layer in `layers` its queries
     attend over keys(l) (pre-RoPE keys of the whole context), the probabilities on document tokens are
     reduced over heads and query tokens (mean or max), normalized to sum 1, and averaged over `layers`.
+    head_norm: each head's (and query row's) attention on the documents is normalized to sum 1 before the
+    reduction, so heads that park most of their mass on the prefix weigh as much as document-reading ones.
+    query_rows: the whole suffix, only the question's tokens, or only the last row (the one whose output
+    becomes the first answer token).
     Returns scores [n_doc_tokens] in document-position order, on the compute device (nothing here waits for
     the GPU: the caller's top-k reads the result once).
     """
@@ -63,12 +71,18 @@ def question_scores(model: Transformer, layout, context: Context, layers: list[i
     ctx_pos = torch.arange(ctx, device=model.device)
     q_pos = upload(layout.suffix_positions(), model.device)
     wanted = set(layers)
+    rows = {"suffix": slice(None), "question": slice(*layout.question),
+            "last": slice(len(layout.suffix) - 1, None)}[query_rows]
+    if query_rows == "question" and layout.question[1] <= layout.question[0]:
+        rows = slice(None)
     total = torch.zeros(layout.n_doc_tokens, device=model.device)
 
     def on_layer(layer: int, q: torch.Tensor) -> None:
         if layer in wanted:
             keys_roped = model.rope(layer, keys(layer), ctx_pos)
-            probs = attention_probs(model, layer, q, q_pos, keys_roped, ctx_pos)[:, :, doc0:]
+            probs = attention_probs(model, layer, q, q_pos, keys_roped, ctx_pos)[:, rows, doc0:]
+            if head_norm:
+                probs = probs / probs.sum(dim=-1, keepdim=True).clamp_min(1e-30)
             s = probs.amax(dim=(0, 1)) if reduction == "max" else probs.mean(dim=(0, 1))
             total.add_(s / s.sum().clamp_min(1e-30))
 

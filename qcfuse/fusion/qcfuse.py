@@ -13,8 +13,8 @@ import math
 import torch
 
 from ..errors import QcfuseError
-from .probe import attention_probs, question_scores, run_probe
-from .selector import Selector, register
+from .probe import QUERY_ROWS, attention_probs, question_scores, run_probe
+from .selector import LayerView, Selector, register
 
 PROBE_TEXT = "\n\nRepeat the passage above, word for word."
 N_SINKS = 4
@@ -28,7 +28,8 @@ class QCFuse(Selector):
     query_aware = True
 
     def __init__(self, ratio: float = 0.15, critical_layers: list[int] | None = None, n_critical: int = N_CRITICAL,
-                 reduction: str = "mean", anchor_ratio: float = 0.10, smooth: int = 0, chunk_heads: int = 0):
+                 reduction: str = "mean", anchor_ratio: float = 0.10, smooth: int = 0, chunk_heads: int = 0,
+                 head_norm: bool = False, query_rows: str = "suffix", narrow: float = 1.0, check_layer: int = 1):
         super().__init__(ratio)
         if reduction not in ("mean", "max"):
             raise QcfuseError("reduction must be 'mean' or 'max'")
@@ -42,6 +43,20 @@ class QCFuse(Selector):
         # budget goes to whole spans around what the question attends to; chunk_heads: each chunk's first
         # tokens (where a chunk prefilled alone is most wrong) are taken first, inside the budget
         self.smooth, self.chunk_heads = int(smooth), int(chunk_heads)
+        if query_rows not in QUERY_ROWS:
+            raise QcfuseError(f"query_rows must be one of: {', '.join(QUERY_ROWS)}")
+        if head_norm not in (True, False):               # 1/0 pass too
+            raise QcfuseError(f"head_norm must be true or false, got {head_norm!r}")
+        self.head_norm, self.query_rows = bool(head_norm), query_rows
+        # narrow > 1: take narrow x the budget by the question's scores, then keep the budget among them by
+        # K/V deviation at check_layer (a query-agnostic second opinion, as CacheBlend's, on few candidates)
+        self.narrow, self.check_layer = float(narrow), int(check_layer)
+        if self.narrow < 1.0:
+            raise QcfuseError("narrow must be at least 1")
+        if self.narrow > 1.0:
+            if self.auto is not None:
+                raise QcfuseError("narrow does not combine with ratio auto")
+            self.refine_layers = (self.check_layer,)
         self.critical_layers, self.n_critical = critical_layers, int(n_critical)
         self.reduction, self.anchor_ratio = reduction, float(anchor_ratio)
 
@@ -60,7 +75,8 @@ class QCFuse(Selector):
         model, layout, reused = inputs.model, inputs.layout, inputs.reused
         self.stage(inputs)                                  # no-op when the fuse loop staged it already
         scores = question_scores(model, layout, lambda layer: reused.anchors(layer, self.anchor_ratio),
-                                 self.layers_for(model), reused.keys, self.reduction)
+                                 self.layers_for(model), reused.keys, self.reduction, self.head_norm,
+                                 self.query_rows)
         if self.smooth or self.chunk_heads:
             scores = scores.clone()
             doc0 = len(layout.prefix)
@@ -71,6 +87,17 @@ class QCFuse(Selector):
                                                                  stride=1, padding=self.smooth)[0, 0]
                 scores[a:a + self.chunk_heads] = float("inf")
         return scores
+
+    def budget(self, layout) -> int:
+        self._final = super().budget(layout)
+        return min(layout.n_doc_tokens, int(round(self.narrow * self._final)))
+
+    def refine(self, view: LayerView) -> torch.Tensor:
+        n = view.n_doc_rows
+        deviation = ((view.k_fresh[:, :n] - view.k_reused).float().pow(2).sum(dim=(0, 2))
+                     + (view.v_fresh[:, :n] - view.v_reused).float().pow(2).sum(dim=(0, 2)))
+        keep = deviation.topk(min(self._final, n)).indices
+        return view.rows[:n][keep.to(view.rows.device)].sort().values
 
     @classmethod
     def offline(cls, model, ids: list[int], entry) -> None:

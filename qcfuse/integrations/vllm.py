@@ -12,12 +12,20 @@ qcfuse's own FusionEngine (with its own copy of the weights) builds the fused K/
 them into the request's paged blocks through the attention backend's own cache writer. vLLM then prefills the
 suffix over that context, decodes and samples with its usual batching. Requests without the parameters are
 plain vLLM requests; the connector does not touch them.
+
+By default a request's fusion runs inside the step that admits it, so the running requests wait for it.
+`kv_connector_extra_config: {"async_load": true}` fuses in the background instead: vLLM parks the request in
+WAITING_FOR_REMOTE_KVS while one worker thread fuses its context, keeps stepping the others, and admits it at the
+first step after its context is written. On a 2-core CPU the two compete for the same cores and async is slower
+(README, "Serving at scale"); it is meant for a GPU, where fusion and vLLM's steps can overlap.
 """
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +56,7 @@ class FusionLoad:
     plan: FusionPlan
     block_ids: list[int]
     start: int               # positions before it are vLLM's own prefix-cache hit (this same fused request)
+    asynchronous: bool = False   # True: fused in the background, reported done through get_finished
 
 
 @dataclass
@@ -66,7 +75,12 @@ class QcfuseConnector(KVConnectorBase_V1):
         self._plans: dict[str, FusionPlan | QcfuseError] = {}    # by request id, from first look to finish
         self._pending: dict[str, int] = {}                        # allocated this step: first position to write
         self._loaded: dict[str, int] = {}                         # tokens the connector supplies, by request id
+        self._async_loads: list[FusionLoad] = []                  # allocated this step, fused in the background
+        self._in_flight: set[str] = set()                         # async fusions not yet reported done
         self._rejected = 0
+        self.async_load = self.extra.get("async_load", False)
+        if not isinstance(self.async_load, bool):
+            raise QcfuseError(f"kv_connector_extra_config.async_load must be true or false, got {self.async_load!r}")
         # worker side
         self._fuser = _Fuser(vllm_config, self.extra) if role == KVConnectorRole.WORKER else None
 
@@ -95,17 +109,26 @@ class QcfuseConnector(KVConnectorBase_V1):
         plan = self._plan(request)
         if plan is None:
             return 0, False
-        return max(0, plan.context_len - num_computed_tokens), False
+        external = max(0, plan.context_len - num_computed_tokens)
+        return external, self.async_load and external > 0
 
     def update_state_after_alloc(self, request: Request, blocks, num_external_tokens: int) -> None:
         plan = self._plan(request)
         if plan is not None:
-            self._loaded[request.request_id] = num_external_tokens
-            if num_external_tokens > 0:
+            # an async request is allocated twice: with its context (fused meanwhile), then with nothing external
+            # left when it is scheduled after the fusion; the first count is what the connector supplied
+            if num_external_tokens > 0 or request.request_id not in self._loaded:
+                self._loaded[request.request_id] = num_external_tokens
+            if num_external_tokens > 0 and self.async_load:      # not scheduled this step: fused meanwhile
+                self._async_loads.append(FusionLoad(request.request_id, plan, list(blocks.get_block_ids()[0]),
+                                                    plan.context_len - num_external_tokens, asynchronous=True))
+                self._in_flight.add(request.request_id)
+            elif num_external_tokens > 0:
                 self._pending[request.request_id] = plan.context_len - num_external_tokens
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        meta = QcfuseConnectorMetadata()
+        meta = QcfuseConnectorMetadata(loads=self._async_loads)
+        self._async_loads = []
         for new in scheduler_output.scheduled_new_reqs:
             if new.req_id in self._pending:
                 start = self._pending.pop(new.req_id)
@@ -120,15 +143,20 @@ class QcfuseConnector(KVConnectorBase_V1):
             self._pending.clear()
         return meta
 
+    def update_connector_output(self, connector_output) -> None:
+        self._in_flight.difference_update(connector_output.finished_recving or ())
+
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         plan = self._plans.pop(request.request_id, None)
         loaded = self._loaded.pop(request.request_id, 0)
         self._pending.pop(request.request_id, None)
+        # aborted while its context is being written: vLLM must keep the blocks until the worker reports it done
+        busy = request.request_id in self._in_flight
         if plan is None:
-            return False, None
+            return busy, None
         if isinstance(plan, QcfuseError):
-            return False, {PARAMS_KEY: {"error": str(plan)}}
-        return False, {PARAMS_KEY: {"method": plan.method, "ratio": plan.ratio, "context_tokens": plan.context_len,
+            return busy, {PARAMS_KEY: {"error": str(plan)}}
+        return busy, {PARAMS_KEY: {"method": plan.method, "ratio": plan.ratio, "context_tokens": plan.context_len,
                                     "fused_tokens": loaded, "prefix_cached_tokens": plan.context_len - loaded}}
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
@@ -154,7 +182,14 @@ class QcfuseConnector(KVConnectorBase_V1):
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         for load in self._get_connector_metadata().loads:
-            self._fuser.fill(load, forward_context.no_compile_layers)
+            if load.asynchronous:
+                self._fuser.submit(load, forward_context.no_compile_layers)
+            else:
+                self._fuser.fill(load, forward_context.no_compile_layers)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        done = self._fuser.take_finished() if self._fuser is not None else set()
+        return None, (done or None)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._fuser.take_failed_blocks() if self._fuser is not None else set()
@@ -217,6 +252,10 @@ class _Fuser:
         self.layers: dict[str, int] = {}          # vLLM attention layer name -> qcfuse layer index
         self._records: list[dict] = []
         self._failed_blocks: set[int] = set()
+        # one background thread: fusions run one at a time, beside vLLM's steps rather than inside them
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qcfuse-fuse")
+        self._running: dict[str, Future] = {}
+        self._lock = threading.Lock()
         log.info("qcfuse: connector worker ready in %.1f s (own copy of %s, %s; store: %s)", time.perf_counter() - t0,
                  loaded.name, dtype, ", ".join(t.name for t in store.tiers))
 
@@ -226,6 +265,15 @@ class _Fuser:
             raise QcfuseError(f"vLLM's model has attention layers {sorted(layers.values())}, qcfuse's copy has "
                               f"{self.model.n_layers}: set kv_connector_extra_config.model to the served model")
         self.layers = layers
+
+    def submit(self, load: FusionLoad, attention_layers: dict) -> None:
+        self._running[load.req_id] = self._pool.submit(self.fill, load, attention_layers)
+
+    def take_finished(self) -> set[str]:
+        done = {req_id for req_id, future in self._running.items() if future.done()}
+        for req_id in done:
+            self._running.pop(req_id).result()      # fill() never raises: failures are failed blocks
+        return done
 
     def fill(self, load: FusionLoad, attention_layers: dict) -> None:
         """Fuse the request's context and write positions [load.start, context_len) into its blocks. A failure
@@ -237,7 +285,8 @@ class _Fuser:
         blocks = torch.tensor(load.block_ids, dtype=torch.long)[positions // self.block_size]
         try:
             selector = make_selector(plan.method, plan.ratio, **plan.options)
-            out, stats = self.engine.prefill(plan.layout, selector, max_new_tokens=1)
+            # vLLM computes the question itself: qcfuse fills the context only
+            out, stats = self.engine.prefill(plan.layout, selector, max_new_tokens=1, context_only=True)
             slots = (blocks * self.block_size + positions % self.block_size).to(self.model.device)
             span = slice(load.start, plan.context_len)
             for name, index in self.layers.items():
@@ -247,29 +296,32 @@ class _Fuser:
                 layer.impl.do_kv_cache_update(layer, key, value, layer.kv_cache, slots)
         except QcfuseError as exc:      # parameters only the model can check, e.g. a critical layer it lacks
             log.error("qcfuse: request %s not fused, its blocks are reported as not loaded: %s", load.req_id, exc)
-            self._failed_blocks.update(int(b) for b in blocks.unique())
+            with self._lock:
+                self._failed_blocks.update(int(b) for b in blocks.unique())
             return
         except Exception:
             log.exception("qcfuse: could not fuse the context of request %s; its blocks are reported as not loaded",
                           load.req_id)
-            self._failed_blocks.update(int(b) for b in blocks.unique())
+            with self._lock:
+                self._failed_blocks.update(int(b) for b in blocks.unique())
             return
-        self._records.append({
+        record = {
             "context_tokens": plan.context_len, "written_tokens": len(positions),
             "recomputed_tokens": stats["recomputed_tokens"], "cache_hits": stats["cache_hits"],
             "cache_misses": stats["cache_misses"], "hits_by_tier": stats["hits_by_tier"],
-            "selection_s": stats["selection_s"], "fuse_s": time.perf_counter() - t0, "method": plan.method})
-        log.debug("qcfuse: request %s: %s", load.req_id, self._records[-1])
+            "selection_s": stats["selection_s"], "fuse_s": time.perf_counter() - t0, "method": plan.method}
+        with self._lock:
+            self._records.append(record)
+        log.debug("qcfuse: request %s: %s", load.req_id, record)
 
     def take_stats(self) -> QcfuseStats | None:
-        if not self._records:
-            return None
-        stats = QcfuseStats({"requests": self._records, "rejected": 0})
-        self._records = []
-        return stats
+        with self._lock:
+            records, self._records = self._records, []
+        return QcfuseStats({"requests": records, "rejected": 0}) if records else None
 
     def take_failed_blocks(self) -> set[int]:
-        failed, self._failed_blocks = self._failed_blocks, set()
+        with self._lock:
+            failed, self._failed_blocks = self._failed_blocks, set()
         return failed
 
 
