@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     ca.add_argument("--data_dir", help="dataset directory (default: ../shared/data)")
     ca.add_argument("--log", help="also write one JSON line per sample and method (what each needed)")
     ca.add_argument("--out", help="profile file to update (default: the one stored with the model)")
-    ca.add_argument("--threads", type=int, help="torch CPU threads")
+    _threads_arg(ca)
     ca.set_defaults(func=_calibrate)
 
     c = sub.add_parser("check", help="numeric self-check of the engine against transformers on a model")
@@ -262,13 +262,9 @@ def _generate(args) -> int:
 
 
 def _calibrate(args) -> int:
-    import re
-
-    import torch
-
     from .engine import FusionEngine
     from .errors import QcfuseError
-    from .eval.datasets import load_dataset
+    from .eval.datasets import load_slices, parse_slices
     from .eval.sweep import parse_list
     from .fusion import SELECTORS
     from .model.profiles import PROFILE_FILE, update_profile
@@ -279,19 +275,11 @@ def _calibrate(args) -> int:
         if m not in SELECTORS or not SELECTORS[m].query_aware:
             raise QcfuseError(f"cannot calibrate '{m}': ratio auto needs a query-aware method "
                               f"({', '.join(n for n, c in sorted(SELECTORS.items()) if c.query_aware)})")
-    sets = []
-    for item in parse_list(args.sets, "sets"):
-        found = re.fullmatch(r"([a-z0-9_]+)\[(\d+):(\d+)\]", item)
-        if not found or int(found[2]) >= int(found[3]):
-            raise QcfuseError(f"bad calibration set '{item}': expected NAME[A:B] with A < B, e.g. musique_s[90:100]")
-        sets.append((found[1], int(found[2]), int(found[3])))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    slices = parse_slices(args.sets)                      # a bad --sets fails here, before the model loads
+    _set_threads(args)
     model = _load(args)
-    samples = []
-    for name, a, b in sets:
-        samples += load_dataset(name, args.data_dir, b, model=args.model, tokenizer=model.tokenizer,
-                                tokens=args.tokens, seed=args.seed, chunk_tokens=args.chunk_tokens)[a:b]
+    samples = load_slices(slices, args.data_dir, model=args.model, tokenizer=model.tokenizer, tokens=args.tokens,
+                          seed=args.seed, chunk_tokens=args.chunk_tokens)
     log = open(args.log, "a") if args.log else None
     try:
         result = calibrate_auto(FusionEngine(model), samples, methods,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -60,7 +59,7 @@ def run(args, out: Path) -> None:
     from tqdm import tqdm
 
     from qcfuse import FusionEngine, load_model, make_selector
-    from qcfuse.eval.datasets import load_dataset
+    from qcfuse.eval.datasets import load_slices, parse_slices
     from qcfuse.profile import kl_first_token
 
     torch.set_num_threads(args.threads)
@@ -68,13 +67,11 @@ def run(args, out: Path) -> None:
     done = set()
     if out.exists():
         done = {(r["sample"], r["variant"], r["ratio"]) for r in map(json.loads, out.read_text().splitlines())}
+    slices = parse_slices(args.sets)
     model = load_model(args.model, quiet=True)
     engine = FusionEngine(model)
-    samples = []
-    for item in args.sets.split(","):
-        name, a, b = re.fullmatch(r"([a-z0-9_]+)\[(\d+):(\d+)\]", item.strip()).groups()
-        samples += load_dataset(name, None, int(b), model=args.model, tokenizer=model.tokenizer, tokens=4096,
-                                seed=args.seed, chunk_tokens=512)[int(a):int(b)]
+    samples = load_slices(slices, model=args.model, tokenizer=model.tokenizer, tokens=4096,
+                          seed=args.seed, chunk_tokens=512)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a") as sink:
         for sample in tqdm(samples, desc="samples", unit="sample"):

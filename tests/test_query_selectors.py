@@ -145,6 +145,8 @@ def test_qcfuse_narrow_keeps_the_budget_among_its_own_candidates(smollm2, smollm
     assert not torch.equal(gen.first_logits, plain.first_logits)      # a different set was recomputed
     with pytest.raises(QcfuseError):
         make_selector("qcfuse", "auto", narrow=1.5)
+    with pytest.raises(QcfuseError, match="check layer 99"):                # never reached: would not narrow
+        smollm2_engine.generate_layout(layout, make_selector("qcfuse", 0.15, narrow=2.0, check_layer=99), 1)
 
 
 @pytest.mark.parametrize("ratio", [0.05, 0.10, 0.2, 1.0])

@@ -82,6 +82,27 @@ def load_dataset(name: str, data_dir: str | Path | None = None, size: int | None
     return samples[:size] if size else samples
 
 
+def parse_slices(spec: str) -> list[tuple[str, int, int]]:
+    """ "NAME[A:B],..." (e.g. a calibration split "musique_s[90:100],ruler_mv[0:4]") as (name, A, B) triples."""
+    slices = []
+    for item in (t.strip() for t in str(spec).split(",") if t.strip()):
+        found = re.fullmatch(r"([a-z0-9_]+)\[(\d+):(\d+)\]", item)
+        if not found or int(found[2]) >= int(found[3]):
+            raise QcfuseError(f"bad sample set '{item}': expected NAME[A:B] with A < B, e.g. musique_s[90:100]")
+        slices.append((found[1], int(found[2]), int(found[3])))
+    if not slices:
+        raise QcfuseError("no sample sets given: expected NAME[A:B],..., e.g. musique_s[90:100]")
+    return slices
+
+
+def load_slices(slices: list[tuple[str, int, int]], data_dir: str | Path | None = None, **options) -> list[Sample]:
+    """Samples A to B-1 of each (name, A, B), in order; `options` go to load_dataset."""
+    samples = []
+    for name, a, b in slices:
+        samples += load_dataset(name, data_dir, b, **options)[a:b]
+    return samples
+
+
 def _jsonl(path: Path) -> list[tuple[int, dict]]:
     out = []
     try:

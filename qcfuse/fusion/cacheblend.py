@@ -34,11 +34,17 @@ class CacheBlend(Selector):
         return inputs.layout.doc_positions()
 
     def refine(self, view: LayerView) -> torch.Tensor:
-        n = view.n_doc_rows
-        score = torch.zeros(n)
-        if "k" in self.deviation:
-            score += (view.k_fresh[:, :n] - view.k_reused).float().pow(2).sum(dim=(0, 2)).cpu()
-        if "v" in self.deviation:
-            score += (view.v_fresh[:, :n] - view.v_reused).float().pow(2).sum(dim=(0, 2)).cpu()
         keep = int(round(self.steps[self.refine_layers.index(view.layer)] * self._n_doc))
-        return view.rows[:n].cpu()[score.topk(min(keep, n)).indices]
+        return most_deviating(view, keep, self.deviation)
+
+
+def most_deviating(view: LayerView, keep: int, deviation: str = "kv") -> torch.Tensor:
+    """The `keep` active document rows whose fresh K and/or V (`deviation`: "kv", "k" or "v") differ most from
+    the reused cache at this layer (squared error over heads and dimensions)."""
+    n = view.n_doc_rows
+    score = torch.zeros(n)
+    if "k" in deviation:
+        score += (view.k_fresh[:, :n] - view.k_reused).float().pow(2).sum(dim=(0, 2)).cpu()
+    if "v" in deviation:
+        score += (view.v_fresh[:, :n] - view.v_reused).float().pow(2).sum(dim=(0, 2)).cpu()
+    return view.rows[:n].cpu()[score.topk(min(keep, n)).indices]

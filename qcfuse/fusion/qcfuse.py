@@ -13,6 +13,7 @@ import math
 import torch
 
 from ..errors import QcfuseError
+from .cacheblend import most_deviating
 from .probe import QUERY_ROWS, attention_probs, question_scores, run_probe
 from .selector import LayerView, Selector, register
 
@@ -68,6 +69,8 @@ class QCFuse(Selector):
 
     def stage(self, inputs):
         """The query cache (anchors of layers 0..max(C), keys of C) goes to the device ahead of the full layers."""
+        if self.refine_layers and not 0 <= self.check_layer < inputs.model.n_layers:
+            raise QcfuseError(f"check layer {self.check_layer} outside 0..{inputs.model.n_layers - 1}")
         layers = self.layers_for(inputs.model)
         inputs.reused.stage_query(max(layers) + 1, self.anchor_ratio, layers)
 
@@ -93,11 +96,7 @@ class QCFuse(Selector):
         return min(layout.n_doc_tokens, int(round(self.narrow * self._final)))
 
     def refine(self, view: LayerView) -> torch.Tensor:
-        n = view.n_doc_rows
-        deviation = ((view.k_fresh[:, :n] - view.k_reused).float().pow(2).sum(dim=(0, 2))
-                     + (view.v_fresh[:, :n] - view.v_reused).float().pow(2).sum(dim=(0, 2)))
-        keep = deviation.topk(min(self._final, n)).indices
-        return view.rows[:n][keep.to(view.rows.device)].sort().values
+        return most_deviating(view, self._final)
 
     @classmethod
     def offline(cls, model, ids: list[int], entry) -> None:
