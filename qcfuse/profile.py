@@ -80,6 +80,8 @@ def profile_model(engine: FusionEngine, samples: list[tuple[list[str], str]], ra
     critical = sorted(mean_kl.argsort()[:n_critical].tolist())
     return {
         "critical_layers": critical,
+        "critical_layers_choice": f"the {n_critical} layers of lowest mean KL by the criterion below",
+        "lowest_kl_layers": critical,
         "criterion": f"lowest mean first-token KL to full prefill when fusing the top {ratio:g} document tokens "
                      "chosen by the question's attention at that single layer (full view)",
         "ratio": ratio,

@@ -9,6 +9,7 @@
 # point leaves every method and ratio measured on the same samples. Every step resumes: rows already in the
 # results files are skipped, and the full-prefill references are kept under results/eval/*/refs (not committed).
 # Chunk caches live in memory only (per step: a few GB), so nothing large is written to disk.
+# METHODS, RATIOS and RULER_TASKS narrow the grid (e.g. one method's rows after a change to its defaults).
 # `python -m qcfuse sweep --dataset NAME --methods ... --out_dir results/eval/NAME --report` rebuilds table.md and
 # tradeoff.png from whatever is finished, without running anything.
 set -euo pipefail
@@ -17,8 +18,9 @@ PY=${PY:-.venv/bin/python}
 OUT=${OUT:-results/eval}
 STEP=${STEP:-5}
 THREADS=${THREADS:-1}
-METHODS=reuse,cacheblend,epic,prophetkv,fuserag,qcfuse
-RATIOS=0.05,0.1,0.15,0.3,0.5
+METHODS=${METHODS:-reuse,cacheblend,epic,prophetkv,fuserag,qcfuse}
+RATIOS=${RATIOS:-0.05,0.1,0.15,0.3,0.5}
+RULER_TASKS=${RULER_TASKS:-mv mq vt}
 RULER_TOKENS=4096
 
 sweep() {   # dataset size [extra flags]
@@ -30,7 +32,7 @@ sweep() {   # dataset size [extra flags]
 case "${1:-}" in
     musique_s) for size in $(seq "$STEP" "$STEP" 100); do sweep musique_s "$size"; done ;;
     ruler)     for size in $(seq "$STEP" "$STEP" 50); do
-                   for task in mv mq vt; do sweep "ruler_$task" "$size" --tokens "$RULER_TOKENS" --chunk_tokens 512; done
+                   for task in $RULER_TASKS; do sweep "ruler_$task" "$size" --tokens "$RULER_TOKENS" --chunk_tokens 512; done
                done ;;
     *) echo "usage: $0 musique_s|ruler" >&2; exit 2 ;;
 esac

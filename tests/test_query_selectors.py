@@ -49,9 +49,11 @@ def test_budget_exact_documents_only(smollm2, needle, method, ratio):
 
 
 def test_qcfuse_selects_before_reading_the_whole_cache(smollm2, needle):
-    """QCFuse's selection reads anchors up to max(C) and the keys of C only: no full layer (K and V)."""
-    layers = [10, 14, 20]
-    picked, reused = _select(smollm2, needle, "qcfuse", 0.15, critical_layers=layers)
+    """QCFuse's selection, as shipped, reads anchors up to max(C) and the stored keys of C only: no full layer
+    (K and V). A critical layer whose keys the query cache lacks would be read in full and fail this test."""
+    layers = smollm2.transformer.critical_layers
+    assert len(layers) == 8 and needle[1][1].extras["critical_layers"].tolist() == layers
+    picked, reused = _select(smollm2, needle, "qcfuse", 0.15)
     assert reused.layers_read == []
     assert [l for kind, l in reused.reads if kind == "keys"] == layers
     assert [l for kind, l in reused.reads if kind == "anchors"] == list(range(max(layers) + 1))
@@ -60,7 +62,8 @@ def test_qcfuse_selects_before_reading_the_whole_cache(smollm2, needle):
     total = sum(p.k.numel() + p.v.numel() for p in pieces)
     read = sum(reused.anchors(l, 0.10)[1].numel() * 2 for l in range(max(layers) + 1))
     read += sum(reused.keys(l).numel() for l in layers)
-    assert read / total < 0.20
+    # anchors of 27 of 30 layers (~9%) + keys of 8 layers (~13%) + the prefix, in full: 28% of this short prompt
+    assert read / total < 0.30
 
 
 def test_qcfuse_anchors_start_with_sinks(smollm2, needle):
@@ -83,11 +86,12 @@ def test_qcfuse_full_fusion_is_exact_at_ratio_one(smollm2, smollm2_engine):
 def test_qcfuse_uses_the_profiled_layers(smollm2):
     from qcfuse.fusion.qcfuse import QCFuse
     assert smollm2.transformer.critical_layers, "the default model ships a profile"
-    assert QCFuse().layers_for(smollm2.transformer) == sorted(smollm2.transformer.critical_layers[:3])
+    assert QCFuse().layers_for(smollm2.transformer) == sorted(smollm2.transformer.critical_layers)
+    assert QCFuse(n_critical=3).layers_for(smollm2.transformer) == sorted(smollm2.transformer.critical_layers[:3])
     with pytest.raises(QcfuseError):
         QCFuse(critical_layers=[99]).layers_for(smollm2.transformer)
     for bad in ({"reduction": "median"}, {"anchor_ratio": 0}, {"nonsense": 1}, {"smooth": -1}, {"chunk_heads": -2},
-                {"query_rows": "everything"}, {"narrow": 0.5}, {"head_norm": "yes"}):
+                {"query_rows": "everything"}, {"narrow": 0.5}, {"head_norm": "yes"}, {"n_critical": 0}):
         with pytest.raises(QcfuseError):
             make_selector("qcfuse", 0.1, **bad)
 

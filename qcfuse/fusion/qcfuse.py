@@ -3,8 +3,8 @@
 Offline, each chunk gets an anchor ranking per layer: its first 4 ("sink") tokens, then the tokens that a
 fixed repeat-the-passage probe appended after the chunk attends to most (max over heads and probe tokens).
 Online, the question runs over the prefix + each chunk's top anchors (~10%) through layers 0..max(C) only,
-and scores every document token by its attention against the *full* keys of the few critical layers C.
-So selection needs the small anchor view plus the keys of |C| layers (~15% of the cache), not all of it.
+and scores every document token by its attention against the *full* keys of the critical layers C.
+So selection needs the small anchor view plus the keys of |C| layers (~10% + |C|/2L of the cache), not all of it.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from .selector import LayerView, Selector, register
 
 PROBE_TEXT = "\n\nRepeat the passage above, word for word."
 N_SINKS = 4
-N_CRITICAL = 3                 # the paper's default number of critical layers (also what the query cache keeps)
+N_CRITICAL = 3                 # the paper's number of critical layers: used for a model without a profile
 STORED_ANCHOR_RATIO = 0.10     # anchors kept in the query cache; a larger online anchor_ratio reads full layers
 
 
@@ -28,7 +28,7 @@ class QCFuse(Selector):
     name = "qcfuse"
     query_aware = True
 
-    def __init__(self, ratio: float = 0.15, critical_layers: list[int] | None = None, n_critical: int = N_CRITICAL,
+    def __init__(self, ratio: float = 0.15, critical_layers: list[int] | None = None, n_critical: int | None = None,
                  reduction: str = "mean", anchor_ratio: float = 0.10, smooth: int = 0, chunk_heads: int = 0,
                  head_norm: bool = False, query_rows: str = "suffix", narrow: float = 1.0, check_layer: int = 1):
         super().__init__(ratio)
@@ -58,7 +58,10 @@ class QCFuse(Selector):
             if self.auto is not None:
                 raise QcfuseError("narrow does not combine with ratio auto")
             self.refine_layers = (self.check_layer,)
-        self.critical_layers, self.n_critical = critical_layers, int(n_critical)
+        if n_critical is not None and int(n_critical) < 1:
+            raise QcfuseError("n_critical must be at least 1")
+        # n_critical None: every layer of the model's profile, which are the layers the query cache keeps keys of
+        self.critical_layers, self.n_critical = critical_layers, None if n_critical is None else int(n_critical)
         self.reduction, self.anchor_ratio = reduction, float(anchor_ratio)
 
     def layers_for(self, model) -> list[int]:
@@ -116,11 +119,11 @@ class QCFuse(Selector):
                   on_layer)
         scores[:, : min(N_SINKS, n)] = float("inf")                  # sinks first, inside the budget
         rank = scores.argsort(dim=1, descending=True)
-        # the query cache: read before anything else online, ~15% of the chunk cache
+        # the query cache, read before anything else online: anchors (~10%) + keys of the critical layers
         m = math.ceil(STORED_ANCHOR_RATIO * n)
         top = rank[:, :m].to(entry.k.device)                          # [L, m] in rank order
         gather = top[:, None, :, None].expand(-1, entry.k.shape[1], -1, entry.k.shape[3])
-        critical = default_critical_layers(t, N_CRITICAL)
+        critical = default_critical_layers(t)                        # every profiled layer
         entry.extras["anchor_rank"] = rank.to(torch.int32)
         entry.extras["anchor_pos"] = top.to(torch.int32).contiguous()   # [L, m]: positions of anchor_k/v
         entry.extras["anchor_k"] = entry.k.gather(2, gather)           # [L, Hkv, m, D]
@@ -129,10 +132,11 @@ class QCFuse(Selector):
         entry.extras["critical_k"] = entry.k[critical].clone()         # [|C|, Hkv, n, D]
 
 
-def default_critical_layers(model, n_critical: int = N_CRITICAL) -> list[int]:
-    """The model's profiled critical layers, or, without a profile, layers spread over the middle."""
+def default_critical_layers(model, n_critical: int | None = None) -> list[int]:
+    """The model's profiled critical layers (the first `n_critical` of them, all by default), or, without a
+    profile, N_CRITICAL layers spread over the middle."""
     layers = (getattr(model, "critical_layers", None) or [])[:n_critical]
     if not layers:
         n = model.n_layers
-        layers = sorted({max(0, min(n - 1, round(n * f))) for f in (0.25, 0.4, 0.55)})[:n_critical]
+        layers = sorted({max(0, min(n - 1, round(n * f))) for f in (0.25, 0.4, 0.55)})[:n_critical or N_CRITICAL]
     return sorted(layers)
