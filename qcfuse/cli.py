@@ -610,6 +610,8 @@ def _add_bench_command(sub) -> None:
                                                                    "flex on cuda, blocked on cpu)")
     b.add_argument("--profile", metavar="METHOD@RATIO", help="also profile one such request at every length "
                                                              "(torch.profiler table in the record's .md)")
+    b.add_argument("--critical_layers", help="QCFuse's critical layers, e.g. 4,6,8,12,17,22,26,31 (default: the "
+                                             "model's profile; random weights: 3 layers spread over the middle)")
     b.add_argument("--no_check", action="store_true", help="skip the precision check (float32 reference beside "
                                                            "transformers' own forward)")
     b.add_argument("--json", action="store_true", help="print the record as JSON instead of tables")
@@ -637,7 +639,8 @@ def _bench(args) -> int:
         repeats=args.repeats if args.repeats is not None else (3 if gpu else 1),
         warmup=args.warmup if args.warmup is not None else (1 if gpu else 0),
         cache_dir=args.cache_dir, check=not args.no_check, attention=args.attention,
-        profile=args.profile)
+        profile=args.profile,
+        critical_layers=parse_list(args.critical_layers, "critical_layers", int) if args.critical_layers else None)
     record = run_bench(cfg, log=(lambda *_: None) if args.json else print, progress=not args.json)
     record["command"] = "qcfuse " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None
     if args.out != "-":

@@ -86,6 +86,17 @@ def test_bench_profiles_one_request_per_length_into_the_record(tiny_config, tmp_
     assert "## Profile: qcfuse 0.1 at 200 tokens" in md and "## Profile: qcfuse 0.1 at 330 tokens" in md
 
 
+def test_bench_critical_layers_stand_in_for_a_profile(tiny_config, capsys):
+    """--critical_layers: the layers QCFuse scores with and the query cache stores keys of, as a profile would
+    give them; recorded and printed."""
+    assert main(["bench", "--device", "cpu", "--config", tiny_config, "--tokens", "200", "--ratios", "0.2",
+                 "--methods", "qcfuse", "--chunk_tokens", "64", "--critical_layers", "3,1", "--no_check",
+                 "--json", "--out", "-"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["critical_layers"] == [1, 3]
+    assert _run(tiny_config)["critical_layers"] != [1, 3]       # without it: the spread default
+
+
 def test_bench_streams_from_disk(tiny_config, tmp_path):
     record = _run(tiny_config, kv_source="disk", cache_dir=str(tmp_path / "kv"))
     assert record["kv_source"] == "disk"
@@ -129,6 +140,8 @@ def test_cli_prints_tables(tiny_config, capsys):
     (["--repeats", "0"], "--repeats must be at least 1"),
     (["--profile", "epic@x"], "--profile expects METHOD@RATIO"),
     (["--profile", "magic@0.1"], "unknown method 'magic'"),
+    (["--critical_layers", "1,4"], "--critical_layers [1, 4]: outside 0..3"),
+    (["--critical_layers", "one"], "--critical_layers expects a comma-separated list"),
 ])
 def test_cli_user_mistakes(tiny_config, capsys, argv, message):
     if argv[:2] == ["--device", "cuda"] and torch.cuda.is_available():

@@ -27,6 +27,7 @@ import torch
 
 from ..errors import QcfuseError
 from ..fusion.fuse import synchronize
+from ..fusion.qcfuse import default_critical_layers
 from ..model import attention as attention_mod
 from ..model.attention import KERNELS, default_kernel
 
@@ -55,6 +56,7 @@ class BenchConfig:
     check: bool = True
     attention: str | None = None         # kernel for scattered rows (flex, blocked); None: the device's default
     profile: str | None = None           # "METHOD@RATIO": profile one such request at every length
+    critical_layers: list[int] | None = None   # QCFuse's layers, as a profile would give them (random weights have none)
 
 
 # -- configs and models ------------------------------------------------------------------------------------
@@ -217,6 +219,10 @@ def run_bench(cfg: BenchConfig, log=print, progress: bool = True) -> dict:
         weights = "random"
     model = loaded.transformer
     _validate(cfg, model.max_positions)
+    if cfg.critical_layers:
+        if any(not 0 <= layer < model.n_layers for layer in cfg.critical_layers):
+            raise QcfuseError(f"--critical_layers {cfg.critical_layers}: outside 0..{model.n_layers - 1}")
+        model.critical_layers = sorted(set(cfg.critical_layers))  # stored by the offline pass, used online
     vocab = loaded.hf.config.vocab_size
 
     if cfg.attention:
@@ -225,6 +231,7 @@ def run_bench(cfg: BenchConfig, log=print, progress: bool = True) -> dict:
               "dtype": cfg.dtype, "kv_source": cfg.kv_source, "chunk_tokens": cfg.chunk_tokens,
               "repeats": cfg.repeats, "warmup": cfg.warmup,
               "attention": cfg.attention or default_kernel(device),
+              "critical_layers": default_critical_layers(model),
               "versions": {"torch": torch.__version__, "transformers": _version("transformers"),
                            "python": platform.python_version(), "qcfuse": _version("qcfuse")},
               "command": None,     # the CLI fills it in
@@ -400,7 +407,9 @@ def format_result(res: dict, record: dict) -> str:
     from ..check import format_precision
     lines = [f"{res['tokens']} tokens ({res['chunks']} chunks of {record['chunk_tokens']}, prefix {PREFIX_TOKENS}, "
              f"suffix {SUFFIX_TOKENS}) on {record['device']}, {record['dtype']}, {record['weights']} weights of "
-             f"{record['config']}, KV from {record['kv_source']}",
+             f"{record['config']}, KV from {record['kv_source']}"
+             + (f", QCFuse's critical layers {record['critical_layers']}" if "qcfuse" in {f["method"] for f in res["fused"]}
+                else ""),
              f"  transformers full prefill (SDPA)  {res['transformers_ms']:9.1f} ms",
              f"  qcfuse full prefill               {res['qcfuse_full_ms']:9.1f} ms   "
              f"({res['transformers_ms'] / res['qcfuse_full_ms']:.2f}x)"]
