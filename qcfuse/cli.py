@@ -363,6 +363,8 @@ def _add_eval_commands(sub) -> None:
         e.add_argument("--data_dir", help="directory with the dataset files (default: ../shared/data; RULER "
                                           "without it is generated on the fly)")
         e.add_argument("--size", type=int, help="first N samples (default: all; RULER on the fly: 100)")
+        e.add_argument("--first", type=int, default=0, help="skip the first N samples (default 0), e.g. to split "
+                                                            "one run over processes")
         e.add_argument("--cache_dir", help="chunk caches and full-prefill references persist here")
         e.add_argument("--max_new_tokens", type=int, help="default: 32 for QA sets, 64/64/48 for ruler_mv/mq/vt")
         e.add_argument("--tokens", type=int, help="RULER on the fly: prompt length (default 7000)")
@@ -418,9 +420,9 @@ def _set_threads(args) -> None:
 def _eval_config(args, **extra):
     from .eval.runner import EvalConfig
     _set_threads(args)
-    return EvalConfig(dataset=args.dataset, size=args.size, data_dir=args.data_dir, cache_dir=args.cache_dir,
-                      model=args.model, dtype=args.dtype, max_new_tokens=args.max_new_tokens, tokens=args.tokens,
-                      seed=args.seed, chunk_tokens=args.chunk_tokens, progress=not args.quiet, **extra)
+    return EvalConfig(dataset=args.dataset, size=args.size, first=args.first, data_dir=args.data_dir,
+                      cache_dir=args.cache_dir, model=args.model, dtype=args.dtype,
+                      max_new_tokens=args.max_new_tokens, tokens=args.tokens, seed=args.seed, chunk_tokens=args.chunk_tokens, progress=not args.quiet, **extra)
 
 
 def _eval(args) -> int:

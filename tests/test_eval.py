@@ -94,6 +94,13 @@ def test_musique_s_loader(tmp_path):
     shared = load_dataset("musique_s", size=2)          # the default data dir's set: 10 passages per sample
     assert default_data_dir().name == "data" and len(shared) == 2
     assert all(len(x.documents) == 10 for x in shared)
+    # --first: one run split over processes covers the same samples as one process
+    whole = load_dataset("musique_s")
+    assert [x.id for x in load_dataset("musique_s", size=5, first=1)] == [whole[1].id]
+    assert [x.id for x in load_dataset("musique_s", first=1)] == [whole[1].id] != [whole[0].id]
+    for first in (-1, len(whole)):
+        with pytest.raises(QcfuseError, match="--first"):
+            load_dataset("musique_s", first=first)
 
 
 def test_loader_errors(tmp_path):
@@ -156,6 +163,8 @@ def test_ruler_sample(tokenizer, task, n_answers):
 def test_ruler_set_is_prefix_stable_and_short_targets(tokenizer, tmp_path):
     small = ruler.generate("mq", 2, tokenizer, tokens=900, chunk_tokens=256)
     assert ruler.generate("mq", 3, tokenizer, tokens=900, chunk_tokens=256)[:2] == small
+    on_the_fly = dict(model="smollm2-135m", tokenizer=tokenizer, tokens=900, chunk_tokens=256)
+    assert [x.documents for x in load_dataset("ruler_mq", size=1, first=1, **on_the_fly)] == [small[1]["documents"]]
     assert all(850 <= s["prompt_tokens"] <= 900 for s in small)
     out = ruler.write_jsonl(small, tmp_path / "ruler_mq.jsonl")
     loaded = load_dataset("ruler_mq", tmp_path)

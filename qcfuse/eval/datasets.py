@@ -50,21 +50,23 @@ def split_passages(context: str) -> list[str]:
 
 def load_dataset(name: str, data_dir: str | Path | None = None, size: int | None = None, *, model: str = "smollm2-135m",
                  tokenizer=None, tokens: int | None = None, seed: int = 0, chunk_tokens: int | None = None,
-                 progress: bool = False) -> list[Sample]:
-    """The first `size` samples of a set (all if None). RULER sets without a data dir are generated with the
-    model's tokenizer (`tokens`, `seed`, `chunk_tokens`)."""
+                 progress: bool = False, first: int = 0) -> list[Sample]:
+    """`size` samples of a set (all if None) from sample `first` on. RULER sets without a data dir are generated
+    with the model's tokenizer (`tokens`, `seed`, `chunk_tokens`)."""
     if name not in DATASETS:
         raise QcfuseError(f"unknown dataset '{name}' (choose from: {', '.join(DATASETS)})")
     if size is not None and size < 1:
         raise QcfuseError("--size must be at least 1")
+    if first < 0:
+        raise QcfuseError("--first must be at least 0")
     if data_dir is not None and not Path(data_dir).is_dir():
         raise QcfuseError(f"data directory not found: {data_dir}")
     if name in RULER and data_dir is None:
         from . import ruler
         tok = tokenizer if tokenizer is not None else ruler.load_tokenizer(model)
-        records = ruler.generate(RULER[name], size or 100, tok, tokens or ruler.DEFAULT_TOKENS, seed,
+        records = ruler.generate(RULER[name], first + (size or 100), tok, tokens or ruler.DEFAULT_TOKENS, seed,
                                  chunk_tokens or ruler.DEFAULT_CHUNK_TOKENS, progress=progress)
-        return [_ruler_sample(r, f"generated {name}", i + 1) for i, r in enumerate(records)]
+        return [_ruler_sample(r, f"generated {name}", i + 1) for i, r in enumerate(records)][first:]
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     if name == "musique_s":
         samples = _musique_s(root / "musique_s.json")
@@ -79,7 +81,9 @@ def load_dataset(name: str, data_dir: str | Path | None = None, size: int | None
                    else [_longbench_sample(r, path, line, name) for line, r in rows])
     if not samples:
         raise QcfuseError(f"{name}: no samples in {root}")
-    return samples[:size] if size else samples
+    if first >= len(samples):
+        raise QcfuseError(f"--first {first}: {name} has {len(samples)} samples")
+    return samples[first:first + size] if size else samples[first:]
 
 
 def parse_slices(spec: str) -> list[tuple[str, int, int]]:

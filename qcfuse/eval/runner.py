@@ -38,6 +38,7 @@ class EvalConfig:
     method: str
     ratio: float | str | None = 0.15     # a share, or "auto:TARGET"
     size: int | None = None
+    first: int = 0                     # skip this many samples (one run split over processes, e.g.)
     data_dir: str | None = None
     cache_dir: str | None = None
     out: str | None = None
@@ -89,7 +90,7 @@ def open_engine(model: str = "smollm2-135m", cache_dir: str | None = None, dtype
 
 
 def load_samples(cfg: EvalConfig, tokenizer=None) -> list[Sample]:
-    return load_dataset(cfg.dataset, cfg.data_dir, cfg.size, model=cfg.model, tokenizer=tokenizer,
+    return load_dataset(cfg.dataset, cfg.data_dir, cfg.size, first=cfg.first, model=cfg.model, tokenizer=tokenizer,
                         tokens=cfg.tokens, seed=cfg.seed, chunk_tokens=cfg.chunk_tokens, progress=cfg.progress)
 
 
