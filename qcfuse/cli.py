@@ -422,7 +422,8 @@ def _eval_config(args, **extra):
     _set_threads(args)
     return EvalConfig(dataset=args.dataset, size=args.size, first=args.first, data_dir=args.data_dir,
                       cache_dir=args.cache_dir, model=args.model, dtype=args.dtype,
-                      max_new_tokens=args.max_new_tokens, tokens=args.tokens, seed=args.seed, chunk_tokens=args.chunk_tokens, progress=not args.quiet, **extra)
+                      max_new_tokens=args.max_new_tokens, tokens=args.tokens, seed=args.seed,
+                      chunk_tokens=args.chunk_tokens, progress=not args.quiet, **extra)
 
 
 def _eval(args) -> int:

@@ -134,6 +134,7 @@ def calibrate_auto(engine: FusionEngine, samples: list, methods: list[str], targ
     (the higher neighbour: on the calibration set at least a share t of samples needed no more)."""
     from .fusion import FusionInputs
     needed: dict[str, list[float]] = {m: [] for m in methods}
+    scoring = {m: make_selector(m, 0.15).scoring(engine.model.transformer) for m in methods}
     t0 = time.perf_counter()
     for sample in tqdm(samples, desc="calibrating ratio auto", unit="sample", disable=not progress):
         layout = engine.layout(sample.documents, sample.question)
@@ -152,5 +153,5 @@ def calibrate_auto(engine: FusionEngine, samples: list, methods: list[str], targ
         ordered = sorted(masses)
         quantile = [ordered[min(len(ordered) - 1, max(0, math.ceil(t * len(ordered)) - 1))] for t in targets]
         out[method] = {"targets": list(targets), "mass": [round(m, 6) for m in quantile], "samples": len(masses),
-                       "grid": list(grid)}
+                       "grid": list(grid), **({"scoring": scoring[method]} if scoring[method] else {})}
     return {"auto": out, "seconds": round(time.perf_counter() - t0, 1)}

@@ -94,11 +94,27 @@ def test_auto_without_calibration_is_a_clear_error(smollm2, smollm2_engine, need
         smollm2_engine.prefill(needle_layout, make_selector("qcfuse", "auto"), 1)
 
 
+def test_auto_refuses_a_calibration_made_with_other_scoring(smollm2, smollm2_engine, needle_layout, monkeypatch):
+    """The calibrated shares hold for the scores they were measured with: other critical layers (or options)
+    are a clear error, not a silently wrong budget."""
+    scoring = make_selector("qcfuse", 0.15).scoring(smollm2.transformer)
+    assert scoring["critical_layers"] == smollm2.transformer.critical_layers
+    monkeypatch.setattr(smollm2.transformer, "auto_calibration",
+                        {"qcfuse": {**CALIBRATION["qcfuse"], "scoring": scoring}})
+    _, stats = smollm2_engine.prefill(needle_layout, make_selector("qcfuse", "auto:0.9"), 1)
+    assert stats["recomputed_tokens"] > 0
+    for options, message in (({"critical_layers": [5, 6, 7]}, r"critical_layers=\[3, 5, 7"),
+                             ({"head_norm": True}, "head_norm=False")):
+        with pytest.raises(QcfuseError, match=message):
+            smollm2_engine.prefill(needle_layout, make_selector("qcfuse", "auto:0.9", **options), 1)
+
+
 def test_shipped_calibration_is_sane(smollm2):
     table = smollm2.transformer.auto_calibration["qcfuse"]
     assert table["targets"] == sorted(table["targets"]) and 0.99 in table["targets"]
     assert table["mass"] == sorted(table["mass"]) and all(0.0 < m <= 1.0 for m in table["mass"])
     assert table["samples"] >= 10
+    assert table["scoring"] == make_selector("qcfuse", 0.15).scoring(smollm2.transformer)   # made with the defaults
 
 
 def test_needed_share_is_the_smallest_grid_ratio_that_keeps_the_first_token(smollm2, smollm2_engine,
@@ -134,6 +150,8 @@ def test_calibration_takes_the_target_quantile(monkeypatch, smollm2_engine):
     out = calibrate_auto(smollm2_engine, samples, ["qcfuse"], targets=(0.5, 0.75, 0.99), progress=False,
                          on_sample=seen.append)
     assert out["auto"]["qcfuse"]["mass"] == [0.5, 0.7, 0.9]         # 2nd, 3rd and 4th of 0.2 0.5 0.7 0.9
+    # what the scores depended on is recorded with them
+    assert out["auto"]["qcfuse"]["scoring"]["critical_layers"] == smollm2_engine.model.transformer.critical_layers
     assert [row["sample"] for row in seen] == ["0", "1", "2", "3"]
 
 

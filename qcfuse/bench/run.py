@@ -56,7 +56,7 @@ class BenchConfig:
     check: bool = True
     attention: str | None = None         # kernel for scattered rows (flex, blocked); None: the device's default
     profile: str | None = None           # "METHOD@RATIO": profile one such request at every length
-    critical_layers: list[int] | None = None   # QCFuse's layers, as a profile would give them (random weights have none)
+    critical_layers: list[int] | None = None   # QCFuse's layers as a profile gives them (random weights: none)
 
 
 # -- configs and models ------------------------------------------------------------------------------------
@@ -408,8 +408,8 @@ def format_result(res: dict, record: dict) -> str:
     lines = [f"{res['tokens']} tokens ({res['chunks']} chunks of {record['chunk_tokens']}, prefix {PREFIX_TOKENS}, "
              f"suffix {SUFFIX_TOKENS}) on {record['device']}, {record['dtype']}, {record['weights']} weights of "
              f"{record['config']}, KV from {record['kv_source']}"
-             + (f", QCFuse's critical layers {record['critical_layers']}" if "qcfuse" in {f["method"] for f in res["fused"]}
-                else ""),
+             + (f", QCFuse's critical layers {record['critical_layers']}"
+                if any(f["method"] == "qcfuse" for f in res["fused"]) else ""),
              f"  transformers full prefill (SDPA)  {res['transformers_ms']:9.1f} ms",
              f"  qcfuse full prefill               {res['qcfuse_full_ms']:9.1f} ms   "
              f"({res['transformers_ms'] / res['qcfuse_full_ms']:.2f}x)"]

@@ -74,12 +74,21 @@ class AutoBudget:
         if not 0.0 <= self.min_ratio <= self.max_ratio <= 1.0:
             raise QcfuseError(f"need 0 <= min_ratio <= max_ratio <= 1, got {self.min_ratio:g} and {self.max_ratio:g}")
 
-    def mass_for(self, calibration: dict | None, selector: str) -> float:
-        """The calibrated attention share for this target (linear between calibrated targets)."""
+    def mass_for(self, calibration: dict | None, selector: str, scoring: dict | None = None) -> float:
+        """The calibrated attention share for this target (linear between calibrated targets). `scoring`: how
+        the selector scores now; a calibration that recorded other settings does not apply."""
         table = (calibration or {}).get(selector)
         if not table:
             raise QcfuseError(f"ratio auto: no calibration of '{selector}' for this model (run `qcfuse calibrate "
                               f"--model ... --methods {selector}` once; it is stored with the model)")
+        recorded = table.get("scoring") or {}
+        changed = sorted(k for k in recorded if k in (scoring or {}) and recorded[k] != scoring[k])
+        if changed:
+            raise QcfuseError(f"ratio auto: '{selector}' was calibrated with "
+                              + ", ".join(f"{k}={recorded[k]}" for k in changed) + ", and scores now with "
+                              + ", ".join(f"{k}={scoring[k]}" for k in changed)
+                              + f" (use those settings, or run `qcfuse calibrate --model ... --methods {selector}` "
+                              "with the new ones)")
         targets, masses = table["targets"], table["mass"]
         if not targets[0] <= self.target <= targets[-1]:
             raise QcfuseError(f"ratio auto: target {self.target:g} is outside the calibrated range "

@@ -70,6 +70,11 @@ class QCFuse(Selector):
             raise QcfuseError(f"critical layers {layers} outside 0..{model.n_layers - 1}")
         return sorted(layers)
 
+    def scoring(self, model) -> dict:
+        return {"critical_layers": self.layers_for(model), "reduction": self.reduction,
+                "anchor_ratio": self.anchor_ratio, "head_norm": self.head_norm, "query_rows": self.query_rows,
+                "smooth": self.smooth}
+
     def stage(self, inputs):
         """The query cache (anchors of layers 0..max(C), keys of C) goes to the device ahead of the full layers."""
         if self.refine_layers and not 0 <= self.check_layer < inputs.model.n_layers:

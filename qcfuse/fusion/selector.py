@@ -235,8 +235,14 @@ class Selector:
         layout = inputs.layout
         if self.auto is None:
             return top_positions(scores, layout.doc_positions(), self.budget(layout))
-        mass = self.auto.mass_for(getattr(inputs.model, "auto_calibration", None), self.name)
+        mass = self.auto.mass_for(getattr(inputs.model, "auto_calibration", None), self.name,
+                                  self.scoring(inputs.model))
         return top_positions(scores, layout.doc_positions(), self.auto.tokens(scores, mass))
+
+    def scoring(self, model) -> dict:
+        """What this method's scores depend on besides its name and the prompt: ratio auto's calibration,
+        which records it, holds only for the same (default: nothing)."""
+        return {}
 
     @classmethod
     def offline(cls, model, ids: list[int], entry: ChunkKV) -> None:
