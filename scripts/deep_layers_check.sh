@@ -12,11 +12,12 @@ cd "$(dirname "$0")/.."
 done
 # the comparison, over the samples present in all three rows files of a ratio
 .venv/bin/python - <<'PY'
-import json
 from pathlib import Path
 
+from qcfuse.eval.runner import read_rows
+
 def rows(path):
-    return {r["id"]: r for r in map(json.loads, Path(path).read_text().splitlines())} if Path(path).exists() else {}
+    return {r["id"]: r for r in read_rows(Path(path))}
 
 print("| task | ratio | n | ProphetKV KL | QCFuse 5,6,7 KL | QCFuse deep KL | deep lower than ProphetKV | deep lower than 5,6,7 | deep top-1 | selection ms deep / 5,6,7 / ProphetKV |")
 print("|---|---|---|---|---|---|---|---|---|---|")

@@ -11,9 +11,9 @@ were measured on another day, engine and load than results/eval's (full prefill 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from qcfuse.eval.runner import read_rows
 from qcfuse.eval.sweep import paired_kl
 
 DATASETS = ("musique_s", "ruler_mv", "ruler_mq")
@@ -23,7 +23,7 @@ CALIBRATION = {f"musique_s-{i}" for i in range(90, 100)}
 
 
 def rows(path: Path) -> dict:
-    return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())} if path.exists() else {}
+    return {r["id"]: r for r in read_rows(path)}
 
 
 def main() -> None:
