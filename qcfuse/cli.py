@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 EXIT_USAGE = 2
@@ -64,11 +66,15 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", help="where to write the profile (default: stored with the model)")
     pr.set_defaults(func=_profile)
 
-    ca = sub.add_parser("calibrate", help="calibrate ratio auto for a model: the attention share each fidelity "
-                                          "target needs, measured on a calibration set")
+    ca = sub.add_parser("calibrate", help="calibrate ratio auto for a model: per fidelity target, the margin rule's "
+                                          "ladder and threshold and the mass rule's attention share, measured on "
+                                          "a calibration set")
     _model_args(ca)
-    ca.add_argument("--sets", required=True, metavar="NAME[A:B],...",
+    ca.add_argument("--sets", metavar="NAME[A:B],...",
                     help="calibration samples, e.g. musique_s[90:100],ruler_mv[0:4] (keep them out of what you report)")
+    ca.add_argument("--from_logs", metavar="FILE,...",
+                    help="fit from the --log files of earlier runs instead of fusing again (e.g. runs split over "
+                         "processes)")
     ca.add_argument("--methods", default="qcfuse", help="query-aware methods to calibrate (default: qcfuse)")
     ca.add_argument("--seed", type=int, default=1, help="seed of generated RULER samples (reports use 0)")
     ca.add_argument("--tokens", type=int, default=4096, help="length of generated RULER samples")
@@ -104,10 +110,11 @@ def _method_args(p: argparse.ArgumentParser, what: str) -> None:
                    help=f"{what}: {', '.join(sorted(SELECTORS))} (default: {DEFAULT_METHOD})")
     p.add_argument("--ratio", default=str(DEFAULT_RATIO),
                    help=f"share of document tokens recomputed (default: {DEFAULT_RATIO}), or 'auto': per request, "
-                        "the fewest tokens the selector's scores say keep full prefill's first token "
-                        "(query-aware methods; see --target)")
+                        "the least recompute that keeps full prefill's first token: fuse a small share, recompute "
+                        "more while the first token is unsure (query-aware methods; see --target)")
     p.add_argument("--target", type=float, help="--ratio auto: the calibrated first-token agreement to aim for "
-                                                "(default 0.99); bound it with --opt max_ratio=0.5")
+                                                "(default 0.99); bound it with --opt max_ratio=0.5; --opt "
+                                                "auto_rule=mass for the one-pass attention-share rule")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -242,7 +249,9 @@ def _generate(args) -> int:
         print(result.answer)
     if sampling.logprobs:
         print("\n  logprobs: " + ", ".join(f"{lp.token!r} {lp.logprob:.3f}" for lp in result.logprobs))
-    ratio = f"{out['ratio']:.2f}" if isinstance(out["ratio"], float) else f"{out['ratio']}, chose {out['recomputed_share']:.3f}"
+    ratio = f"{out['ratio']:.2f}" if isinstance(out["ratio"], float) else (
+        f"{out['ratio']}, chose {out['recomputed_share']:.3f}" + (f" after {out['passes']} passes (all together "
+        f"{out['recomputed_total_share']:.3f})" if out.get("passes", 1) > 1 else ""))
     print(f"\n  method {out['method']} (ratio {ratio}): recomputed {out['recomputed_tokens']} of "
           f"{out['context_tokens']} document tokens (+{out['suffix_tokens']} suffix tokens)")
     print(f"  TTFT {out['ttft_s'] * 1000:.1f} ms, of which selection {out['selection_s'] * 1000:.1f} ms; "
@@ -267,7 +276,6 @@ def _calibrate(args) -> int:
     from .eval.datasets import load_slices, parse_slices
     from .eval.sweep import parse_list
     from .fusion import SELECTORS
-    from .model.profiles import PROFILE_FILE, update_profile
     from .profile import calibrate_auto
 
     methods = parse_list(args.methods, "methods")
@@ -275,6 +283,10 @@ def _calibrate(args) -> int:
         if m not in SELECTORS or not SELECTORS[m].query_aware:
             raise QcfuseError(f"cannot calibrate '{m}': ratio auto needs a query-aware method "
                               f"({', '.join(n for n, c in sorted(SELECTORS.items()) if c.query_aware)})")
+    if bool(args.sets) == bool(args.from_logs):
+        raise QcfuseError("give either --sets (calibration samples to run) or --from_logs (rows of earlier runs)")
+    if args.from_logs:
+        return _refit(args, methods)
     slices = parse_slices(args.sets)                      # a bad --sets fails here, before the model loads
     _set_threads(args)
     model = _load(args)
@@ -287,13 +299,45 @@ def _calibrate(args) -> int:
     finally:
         if log:
             log.close()
-    out = Path(args.out) if args.out else model.directory / PROFILE_FILE
-    update_profile(out, {"auto": result["auto"], "auto_sets": args.sets, "auto_seconds": result["seconds"]})
-    for method, table in result["auto"].items():
+    _write_calibration(args, model.directory, result["auto"], args.sets, result["seconds"])
+    return 0
+
+
+def _refit(args, methods: list[str]) -> int:
+    """`qcfuse calibrate --from_logs`: fit ratio auto from rows logged before (no fusion, a few seconds)."""
+    from .errors import QcfuseError
+    from .eval.runner import read_rows
+    from .eval.sweep import parse_list
+    from .fusion import make_selector
+    from .profile import fit_auto
+    rows = []
+    for name in parse_list(args.from_logs, "from_logs"):
+        if not Path(name).is_file():
+            raise QcfuseError(f"--from_logs: no file {name}")
+        rows += [r for r in read_rows(Path(name)) if r.get("method") in methods]
+    seen = [r["sample"] for r in rows]
+    if len(set(zip(seen, (r["method"] for r in rows)))) != len(rows):
+        raise QcfuseError("--from_logs: a sample appears twice for the same method (overlapping runs?)")
+    model = _load(args)
+    auto = fit_auto(rows, {m: make_selector(m, 0.15).scoring(model.transformer) for m in methods})
+    sets = Counter(re.sub(r"-\d+$", "", sample) for sample in set(seen))
+    _write_calibration(args, model.directory, auto, f"logs {args.from_logs}: "
+                       + ", ".join(f"{n} of {name}" for name, n in sorted(sets.items())), None)
+    return 0
+
+
+def _write_calibration(args, model_dir: Path, auto: dict, sets: str, seconds: float | None) -> None:
+    from .model.profiles import PROFILE_FILE, update_profile
+    out = Path(args.out) if args.out else model_dir / PROFILE_FILE
+    update_profile(out, {"auto": auto, "auto_sets": sets, "auto_seconds": seconds})     # None: refit from logs
+    for method, table in auto.items():
         pairs = ", ".join(f"{t:g} -> {m:.3f}" for t, m in zip(table["targets"], table["mass"]))
         print(f"{method}: attention share per target ({table['samples']} samples): {pairs}")
+        for step in table.get("margin", []):
+            print(f"{method}: margin rule for {step['target']:g}: ladder {step['ladder']}, accept at a margin of "
+                  f"{step['min_margin']:.3f}; on the calibration set it kept {100 * step['agreement']:.0f}% at a "
+                  f"mean share of {step['mean_share']:.3f}")
     print(f"written to {out}")
-    return 0
 
 
 def _logprob_json(lp) -> dict:

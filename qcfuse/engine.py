@@ -2,8 +2,8 @@
 
 Offline, `prepare` prefills each chunk on its own (positions from 0) and stores its pre-RoPE K/V under a
 content key. Online, `generate` fetches the prefix and chunk caches (computing any miss), lets the selector
-pick tokens, runs the fuse loop, and decodes from the fused cache (greedily unless sampling says otherwise,
-qcfuse/sampling.py).
+pick tokens, runs the fuse loop (again with more tokens while ratio auto's margin rule finds the first token
+unsure), and decodes from the fused cache (greedily unless sampling says otherwise, qcfuse/sampling.py).
 
 Cache accounting, per request and for document chunks: a hit is a chunk served whole from the store; a chunk
 computed in the request is a miss, including one whose entry turned out broken (also counted in
@@ -168,22 +168,33 @@ class FusionEngine:
         t0 = time.perf_counter() if t0 is None else t0
         model = self.model.transformer
         self.check_fits(layout, max_new_tokens)
-        reused = loader = None
         pieces: list[_Piece] = []
         if selector.uses_cache:
             if layout.prefix:
                 pieces.append(self._source(layout.prefix))     # shared by every request: not a chunk
             pieces += [self._source(ids) for ids in layout.chunks]
-            sources = [p.source for p in pieces]
-            loader = LayerLoader(sources, model.n_layers, model.device, background=self._background(sources))
-            reused = ReusedKV(sources, prefix_len=len(layout.prefix), loader=loader)
-        try:
-            out = fuse(model, layout, reused, selector, capacity=layout.n_tokens + max_new_tokens,
-                       context_only=context_only)
-            synchronize(model.device)
-        finally:
-            if loader is not None:
-                loader.close()
+        sources = [p.source for p in pieces]
+        passes, recomputed_total, selection_s, io_wait_s = 0, 0, 0.0, 0.0
+        while True:     # one pass, unless ratio auto's margin rule finds the first token unsure and escalates
+            reused = loader = None
+            if selector.uses_cache:
+                loader = LayerLoader(sources, model.n_layers, model.device, background=self._background(sources))
+                reused = ReusedKV(sources, prefix_len=len(layout.prefix), loader=loader)
+            try:
+                out = fuse(model, layout, reused, selector, capacity=layout.n_tokens + max_new_tokens,
+                           context_only=context_only and selector.auto is None, attempt=passes)
+                synchronize(model.device)
+            finally:
+                if loader is not None:
+                    loader.close()
+            passes += 1
+            recomputed_total += int(out.recomputed.numel())
+            selection_s += out.selection_s
+            io_wait_s += loader.io_wait_s if loader else 0.0
+            if selector.settled(model, out.logits, passes - 1):
+                break
+        if context_only:
+            out.logits = None
         for piece in pieces:
             if piece.found and piece.source.recomputed:
                 self.store.unserved(piece.tier)
@@ -193,9 +204,12 @@ class FusionEngine:
             "method": selector.name,
             "ratio": selector.ratio,
             "ttft_s": time.perf_counter() - t0,
-            "selection_s": out.selection_s,
-            "recomputed_tokens": int(out.recomputed.numel()),
+            "selection_s": selection_s,
+            "recomputed_tokens": int(out.recomputed.numel()),     # in the cache the answer is decoded from
             "recomputed_share": int(out.recomputed.numel()) / max(1, layout.n_doc_tokens),   # what auto chose
+            "auto_rule": selector.auto_rule(model),               # ratio auto: "margin" or "mass"
+            "passes": passes,                                     # more than 1: auto's margin rule escalated
+            "recomputed_total_share": recomputed_total / max(1, layout.n_doc_tokens),   # over every pass
             "context_tokens": layout.n_doc_tokens,
             "prompt_tokens": layout.n_tokens,
             "suffix_tokens": len(layout.suffix),
@@ -204,8 +218,8 @@ class FusionEngine:
             "cache_misses": len(chunks) - len(served),
             "cache_corrupt": sum(p.broken + p.source.corrupt for p in chunks),
             "hits_by_tier": dict(Counter(p.tier for p in served)),
-            "bytes_loaded": loader.bytes_loaded if loader else 0,
-            "io_wait_s": loader.io_wait_s if loader else 0.0,
+            "bytes_loaded": sum(getattr(s, "bytes_read", 0) for s in sources),     # every pass's reads
+            "io_wait_s": io_wait_s,
             "chunks_recomputed": sum(p.source.recomputed for p in pieces),
             "new_tokens": 0,
             "decode_s": 0.0,

@@ -5,11 +5,14 @@ question's attention at layer l alone (full view), fuse with exactly those token
 divergence of the first-token distribution from full prefill. The critical layers are the `n` layers with
 the lowest mean KL: the layers whose question attention best predicts which tokens matter for the answer.
 
-Ratio auto (fusion/budget.py): per calibration sample and method, the smallest ratio of a grid whose top-scored
-tokens keep full prefill's first token, read as the share of the method's scores those tokens hold.
+Ratio auto (fusion/budget.py): per calibration sample and method, the first token's verdict and margin when the
+top-scored tokens of each grid ratio are fused. The mass rule reads the smallest ratio that keeps full prefill's
+first token as the share of the method's scores those tokens hold; the margin rule picks the ladder and threshold
+that keep it most cheaply.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -21,7 +24,7 @@ from tqdm import tqdm
 from .engine import FusionEngine
 from .errors import QcfuseError
 from .fusion import ReusedKV, Selector, make_selector
-from .fusion.budget import mass_of_top
+from .fusion.budget import first_token_margin, mass_of_top
 from .fusion.probe import attention_probs, run_probe, top_positions
 
 
@@ -110,31 +113,91 @@ def musique_samples(path: Path, n: int, passages: int, first: int = 0) -> list[t
 # -- ratio auto ------------------------------------------------------------------------------------------------
 AUTO_GRID = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7)
 AUTO_TARGETS = (0.8, 0.9, 0.95, 0.99)
+MAX_RUNGS = 3            # the margin rule's ladders: up to this many grid ratios, then (optionally) everything
 
 
 def needed_share(engine: FusionEngine, layout, scores: torch.Tensor, full_logits: torch.Tensor,
-                 grid=AUTO_GRID) -> dict:
+                 grid=AUTO_GRID, every: bool = False) -> dict:
     """The smallest grid ratio whose top-scored tokens, fused, give full prefill's first token (1.0 when none
-    does), and the share of the scores' total those tokens hold: what ratio auto must reach on this sample."""
+    does), and the share of the scores' total those tokens hold: what ratio auto must reach on this sample.
+    every=True fuses at every grid ratio (the margin rule's calibration needs each one's verdict and margin);
+    otherwise the grid stops at the first that agrees."""
     n_doc, top1 = layout.n_doc_tokens, int(full_logits.argmax())
-    tried = []
+    tried, found = [], None
     for ratio in grid:
         k = int(round(ratio * n_doc))
         fused = engine.generate_layout(layout, _Fixed(top_positions(scores, layout.doc_positions(), k)), 1)
         agrees = int(fused.first_logits.argmax()) == top1
-        tried.append({"ratio": ratio, "agrees": agrees, "kl": round(kl_first_token(full_logits, fused.first_logits), 6)})
-        if agrees:
-            return {"ratio": ratio, "mass": round(mass_of_top(scores, k), 6), "tried": tried}
-    return {"ratio": 1.0, "mass": 1.0, "tried": tried}
+        tried.append({"ratio": ratio, "agrees": agrees, "kl": round(kl_first_token(full_logits, fused.first_logits), 6),
+                      "margin": round(first_token_margin(fused.first_logits), 6)})
+        if agrees and found is None:
+            found = {"ratio": ratio, "mass": round(mass_of_top(scores, k), 6)}
+            if not every:
+                break
+    return {**(found or {"ratio": 1.0, "mass": 1.0}), "tried": tried}
+
+
+def run_ladder(tried: dict[float, dict], ladder: tuple[float, ...], min_margin: float) -> tuple[bool, float]:
+    """What the margin rule does on one calibration sample: (first token kept, share recomputed over all
+    passes). `tried`: that sample's verdict and margin per grid ratio; a rung of 1.0 recomputes everything."""
+    spent = 0.0
+    for i, ratio in enumerate(ladder):
+        spent += ratio
+        if ratio >= 1.0:
+            return True, spent                              # exact: full prefill's first token
+        if i == len(ladder) - 1 or tried[ratio]["margin"] >= min_margin:
+            return tried[ratio]["agrees"], spent
+    raise ValueError("empty ladder")
+
+
+def _precision(pairs: list[tuple[float, bool]], min_margin: float) -> float:
+    kept = [agrees for margin, agrees in pairs if margin >= min_margin]
+    return sum(kept) / len(kept) if kept else 1.0
+
+
+def fit_margin_rule(samples: list[list[dict]], targets=AUTO_TARGETS, max_rungs: int = MAX_RUNGS) -> list[dict]:
+    """Per target t: the ladder and margin with the least mean recompute (every pass counted) that keep full
+    prefill's first token in a share >= t of the calibration samples, among margins that hold at every grid
+    ratio (below). Ladders: 1 to `max_rungs` ratios of the grid the samples were fused at, the last accepted
+    as it is, or followed by a full recompute (required for targets finer than the set resolves)."""
+    by_ratio = [{t["ratio"]: t for t in tried} for tried in samples]
+    grid = sorted(set.intersection(*(set(r) for r in by_ratio))) if by_ratio else []
+    if not grid:
+        return []
+    ladders = [c + tail for n in range(1, max_rungs + 1) for c in itertools.combinations(grid, n)
+               for tail in ((), (1.0,))]
+    margins = sorted({0.0} | {t["margin"] for r in by_ratio for t in r.values()})
+    margins.append(round(margins[-1] + 1.0, 6))            # above every one seen: escalate always
+    pairs = [(t["margin"], t["agrees"]) for r in by_ratio for t in r.values()]
+    steps = []
+    for target in targets:
+        # a threshold must hold beyond the ladder it is fitted with: fused results at or above it, at any grid
+        # ratio of any sample, keep full prefill's first token in a share >= t (more failures to learn from
+        # than the few a small calibration set has at the rungs)
+        trusted = [m for m in margins if _precision(pairs, m) >= target - 1e-9]
+        # n samples resolve failure rates down to 1/n: a finer target cannot be checked on them, so there the
+        # ladder must end in a full recompute (exact) rather than trust a rung that happened to suffice
+        exact = target > 1.0 - 1.0 / len(by_ratio) + 1e-9
+        best = None
+        for ladder in (c for c in ladders if c[-1] >= 1.0 or not exact):
+            for min_margin in trusted:
+                runs = [run_ladder(r, ladder, min_margin) for r in by_ratio]
+                agreement = sum(kept for kept, _ in runs) / len(runs)
+                spent = sum(s for _, s in runs) / len(runs)
+                if agreement >= target - 1e-9 and (best is None or spent < best["mean_share"] - 1e-12):
+                    best = {"target": target, "ladder": list(ladder), "min_margin": min_margin,
+                            "agreement": round(agreement, 4), "mean_share": round(spent, 4)}
+        steps.append(best or {"target": target, "ladder": [1.0], "min_margin": 0.0, "agreement": 1.0,
+                              "mean_share": 1.0})
+    return steps
 
 
 def calibrate_auto(engine: FusionEngine, samples: list, methods: list[str], targets=AUTO_TARGETS,
                    grid=AUTO_GRID, progress: bool = True, on_sample=None) -> dict:
-    """Per method, the attention share that served each calibration sample, and its t-quantile per target t
-    (the higher neighbour: on the calibration set at least a share t of samples needed no more)."""
+    """Fuse every calibration sample at every grid ratio, per method (`on_sample` gets each sample's row as it
+    is done, e.g. to log it), and fit both rules of ratio auto from those rows (`fit_auto`)."""
     from .fusion import FusionInputs
-    needed: dict[str, list[float]] = {m: [] for m in methods}
-    scoring = {m: make_selector(m, 0.15).scoring(engine.model.transformer) for m in methods}
+    rows = []
     t0 = time.perf_counter()
     for sample in tqdm(samples, desc="calibrating ratio auto", unit="sample", disable=not progress):
         layout = engine.layout(sample.documents, sample.question)
@@ -144,14 +207,30 @@ def calibrate_auto(engine: FusionEngine, samples: list, methods: list[str], targ
             selector = make_selector(method, 0.15)
             scores = selector.scores(FusionInputs(engine.model.transformer, layout,
                                                   ReusedKV(pieces, len(layout.prefix))))
-            found = needed_share(engine, layout, scores, full, grid)
-            needed[method].append(found["mass"])
+            found = needed_share(engine, layout, scores, full, grid, every=True)
+            rows.append({"sample": sample.id, "method": method, **found})
             if on_sample is not None:
-                on_sample({"sample": sample.id, "method": method, **found})
-    out = {}
-    for method, masses in needed.items():
-        ordered = sorted(masses)
-        quantile = [ordered[min(len(ordered) - 1, max(0, math.ceil(t * len(ordered)) - 1))] for t in targets]
-        out[method] = {"targets": list(targets), "mass": [round(m, 6) for m in quantile], "samples": len(masses),
-                       "grid": list(grid), **({"scoring": scoring[method]} if scoring[method] else {})}
+                on_sample(rows[-1])
+    out = fit_auto(rows, {m: make_selector(m, 0.15).scoring(engine.model.transformer) for m in methods}, targets)
     return {"auto": out, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def fit_auto(rows: list[dict], scoring: dict[str, dict], targets=AUTO_TARGETS) -> dict:
+    """Both rules of ratio auto (fusion/budget.py), per method in `scoring` (what its scores depend on now),
+    from calibration rows (one per sample and method, as `calibrate_auto` logs them): the attention share that
+    served each sample, at its t-quantile per target t (the higher neighbour: on the calibration set at least a
+    share t of samples needed no more), and the margin rule's ladder and threshold per target."""
+    out = {}
+    for method, how in scoring.items():
+        mine = [r for r in rows if r["method"] == method]
+        if not mine:
+            raise QcfuseError(f"no calibration rows for '{method}'")
+        ordered = sorted(r["mass"] for r in mine)
+        quantile = [ordered[min(len(ordered) - 1, max(0, math.ceil(t * len(ordered)) - 1))] for t in targets]
+        every = [r["tried"] for r in mine if r["tried"] and all("margin" in t for t in r["tried"])]
+        margin = fit_margin_rule(every, targets) if len(every) == len(mine) else []
+        out[method] = {"targets": list(targets), "mass": [round(m, 6) for m in quantile], "samples": len(mine),
+                       "grid": sorted({t["ratio"] for r in mine for t in r["tried"]}),
+                       **({"margin": margin} if margin else {}),
+                       **({"scoring": how} if how else {})}
+    return out

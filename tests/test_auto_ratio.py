@@ -40,11 +40,11 @@ def test_budget_rule_by_hand():
     assert AutoBudget(0.9, min_ratio=0.6).tokens(scores, 0.5) == 3          # ceil(0.6 * 5)
     assert clamp_count(7, 5, 0.0, 1.0) == 5
     budget = AutoBudget(0.9)
-    assert budget.mass_for(CALIBRATION, "qcfuse") == pytest.approx(0.5 + 0.4 * (0.1 / 0.19))
+    assert budget.mass_for(budget.table(CALIBRATION, "qcfuse")) == pytest.approx(0.5 + 0.4 * (0.1 / 0.19))
     with pytest.raises(QcfuseError, match="outside the calibrated range"):
-        AutoBudget(0.5).mass_for(CALIBRATION, "qcfuse")
+        AutoBudget(0.5).mass_for(CALIBRATION["qcfuse"])
     with pytest.raises(QcfuseError, match="qcfuse calibrate"):
-        budget.mass_for(CALIBRATION, "fuserag")
+        budget.table(CALIBRATION, "fuserag")
     with pytest.raises(QcfuseError, match="min_ratio <= max_ratio"):
         AutoBudget(0.9, max_ratio=0.1, min_ratio=0.2)
 

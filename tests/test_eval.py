@@ -424,19 +424,20 @@ def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
 
 
 def test_report_compares_ratio_auto_with_fixed_ratios(tmp_path):
-    def run(method, ratio, top1s, kl, share):
+    def run(method, ratio, top1s, kl, share, **extra):
         name = "fullcomp.jsonl" if ratio is None else f"{run_name(method, ratio)}.jsonl"
         n_doc = 1000
         (tmp_path / name).write_text("".join(json.dumps({
             "id": str(i), "method": method, "ratio": ratio, "score": 0.5, "score_full": 0.5, "same_answer": t,
             "top1": t, "kl": kl, "ttft_s": 0.2 + share, "ttft_full_s": 1.0, "selection_s": 0.0,
-            "recomputed_tokens": round(share * n_doc), "context_tokens": n_doc}) + "\n"
+            "recomputed_tokens": round(share * n_doc), "context_tokens": n_doc, **extra}) + "\n"
             for i, t in enumerate(top1s)))
     run("fullcomp", None, [True] * 100, 0.0, 1.0)
     run("qcfuse", 0.1, [True] * 90 + [False] * 10, 0.04, 0.1)
     run("qcfuse", 0.3, [True] * 99 + [False], 0.02, 0.3)
     run("qcfuse", 0.5, [True] * 100, 0.01, 0.5)
-    run("qcfuse", "auto:0.99", [True] * 100, 0.015, 0.2)
+    # the margin rule's passes all count: the cache kept 0.1 recomputed, the request spent 0.2 in two passes
+    run("qcfuse", "auto:0.99", [True] * 100, 0.015, 0.1, recomputed_total_share=0.2, passes=2)
     run("epic", 0.1, [False] * 100, 0.5, 0.1)
     runs = grid(["epic", "qcfuse"], [0.1, 0.3, 0.5, "auto:0.99"])
     assert ("epic", "auto:0.99") not in runs and runs[-1] == ("qcfuse", "auto:0.99")
@@ -446,6 +447,6 @@ def test_report_compares_ratio_auto_with_fixed_ratios(tmp_path):
     assert auto["fixed_ratio_99"] == 0.3 and auto["top1"] == 1.0
     assert auto["fixed_kl_at_share"] == pytest.approx(0.03)           # halfway between 0.1 (0.04) and 0.3 (0.02)
     table = (tmp_path / "table.md").read_text()
-    assert "| qcfuse | 0.99 | 100 | 0.200 | 100.0% | 0.0150 | 0.3 (99.0%) | 0.0300 |" in table
+    assert "| qcfuse | 0.99 | 100 | 0.200 | 2.00 | 100.0% | 0.0150 | 0.3 (99.0%) | 0.0300 |" in table
     assert "qcfuse auto" not in result["smallest_ratio"]                # auto is not a fixed-ratio row
     assert set(result["head_to_head"]) == {"epic:0.1"}

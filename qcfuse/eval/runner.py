@@ -193,9 +193,12 @@ def summarize(rows: list[dict]) -> dict:
     for key in ("score", "score_full", "rougeL", "same_answer", "top1", "kl", "ttft_s", "ttft_full_s",
                 "selection_s", "recomputed_tokens", "context_tokens"):
         out[key] = _mean(rows, key)
-    shares = [r["recomputed_tokens"] / r["context_tokens"] for r in rows
-              if r.get("recomputed_tokens") is not None and r.get("context_tokens")]
-    out["share"] = sum(shares) / len(shares) if shares else None     # mean recomputed share (what auto chose)
+    shares = [r["recomputed_total_share"] if r.get("recomputed_total_share") is not None
+              else r["recomputed_tokens"] / r["context_tokens"] for r in rows
+              if r.get("recomputed_total_share") is not None
+              or (r.get("recomputed_tokens") is not None and r.get("context_tokens"))]
+    out["share"] = sum(shares) / len(shares) if shares else None     # mean recomputed share, every pass counted
+    out["passes"] = _mean(rows, "passes")
     out["rel_score"] = out["score"] / out["score_full"] if out["score_full"] else None
     out["speedup"] = out["ttft_full_s"] / out["ttft_s"] if out["ttft_s"] else None
     return out
@@ -279,6 +282,8 @@ def run_eval(cfg: EvalConfig, engine=None, samples: list[Sample] | None = None, 
                        "selection_s": stats.get("selection_s", 0.0),
                        "recomputed_tokens": stats.get("recomputed_tokens"),
                        "recomputed_share": stats.get("recomputed_share"),
+                       "recomputed_total_share": stats.get("recomputed_total_share"),
+                       "passes": stats.get("passes"), "auto_rule": stats.get("auto_rule"),
                        "context_tokens": stats.get("context_tokens"), "prompt_tokens": stats.get("prompt_tokens"),
                        "cache_hits": stats.get("cache_hits"), "cache_misses": stats.get("cache_misses"),
                        "cache_corrupt": stats.get("cache_corrupt"),

@@ -223,10 +223,10 @@ def _auto_section(stats: dict) -> dict:
     autos = [(m, t) for m, t in stats if m.endswith(AUTO_SUFFIX)]
     if not autos:
         return {"lines": [], "rows": []}
-    lines = ["", "Ratio auto (per request: the fewest tokens holding the calibrated share of the question's "
-             "attention) against the same method at fixed ratios:", "",
-             "| method | target | n | mean share recomputed | top-1 | mean KL | fixed ratio with top-1 >= 99% "
-             "(its top-1) | fixed-ratio KL at auto's share |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["", "Ratio auto (its budget per request; the share recomputed counts every pass of the margin rule) "
+             "against the same method at fixed ratios:", "",
+             "| method | target | n | mean share recomputed | mean passes | top-1 | mean KL | fixed ratio with "
+             "top-1 >= 99% (its top-1) | fixed-ratio KL at auto's share |", "|---|---|---|---|---|---|---|---|---|"]
     out = []
     for m, t in sorted(autos):
         base, s = m[: -len(AUTO_SUFFIX)], stats[(m, t)]
@@ -237,12 +237,14 @@ def _auto_section(stats: dict) -> dict:
                     if s["share"] is not None and len(curve) >= 2 and curve[0][0] <= s["share"] <= curve[-1][0]
                     else None)
         best = enough[0] if enough else None
-        out.append({"method": base, "target": t, "n": s["n"], "share": s["share"], "top1": s["top1"], "kl": s["kl"],
+        out.append({"method": base, "target": t, "n": s["n"], "share": s["share"], "passes": s.get("passes"),
+                    "top1": s["top1"], "kl": s["kl"],
                     "fixed_ratio_99": best[0] if best else None, "fixed_top1": best[1]["top1"] if best else None,
                     "fixed_kl_at_share": at_share})
         fixed_cell = f"{best[0]:g} ({_fmt(best[1]['top1'], pct=True)})" if best else "none in grid"
         shared_cell = "outside grid" if at_share is None else _fmt(at_share, ".4f")
-        lines.append(f"| {base} | {t:g} | {s['n']} | {_fmt(s['share'])} | {_fmt(s['top1'], pct=True)} | "
+        lines.append(f"| {base} | {t:g} | {s['n']} | {_fmt(s['share'])} | {_fmt(s.get('passes'), '.2f')} | "
+                     f"{_fmt(s['top1'], pct=True)} | "
                      f"{_fmt(s['kl'], '.4f')} | {fixed_cell} | {shared_cell} |")
     return {"lines": lines, "rows": out}
 

@@ -1,12 +1,17 @@
-"""`--ratio auto`: a per-request budget, the fewest tokens a query-aware selector's own scores say are needed.
+"""`--ratio auto`: a per-request budget, the least recompute that keeps full prefill's first token.
 
-A query-aware selector scores every document token by the share of the question's attention it receives (the
-scores sum to 1). The rule: recompute the smallest set of top-scored tokens that holds a share `mass` of that
-attention, within [min_ratio, max_ratio] of the document tokens. `mass` is not guessed: `qcfuse calibrate`
-measures, on a calibration set, the attention share each sample needed for the fused first token to match full
-prefill's from there on, and ships, per fidelity target t, the t-quantile of those shares (so on the calibration
-set a share t of the samples were served by that mass). Requests whose question attends sharply get few
-tokens; diffuse ones get more.
+Two rules, both calibrated by `qcfuse calibrate` on samples kept out of what is reported:
+
+- "margin" (the default where calibrated): fuse with the top-scored share of a short ladder of ratios, e.g.
+  0.02; accept when the fused first token leads the runner-up by at least a calibrated log-probability margin,
+  otherwise fuse again at the next rung (the last rung is always accepted). A confident fused answer is rarely
+  a wrong one, and how hard a request is shows only in its own result, so easy requests stop at a tiny share
+  and hard ones pay more. Every pass is counted in what the request spent (`recomputed_total_share`).
+- "mass": recompute the smallest set of top-scored tokens that holds a calibrated share of the question's
+  attention (the scores sum to 1): the per-sample share that kept the first token, at its t-quantile over the
+  calibration set. One pass, but the share a task needs varies by task more than by request.
+
+Both are bounded by [min_ratio, max_ratio] of the document tokens.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from ..errors import QcfuseError
 AUTO = "auto"
 DEFAULT_TARGET = 0.99
 DEFAULT_MAX_RATIO = 1.0
+RULES = ("margin", "mass")
 
 
 def parse_ratio(ratio) -> tuple[float | None, float | None]:
@@ -69,14 +75,17 @@ class AutoBudget:
     target: float = DEFAULT_TARGET
     max_ratio: float = DEFAULT_MAX_RATIO
     min_ratio: float = 0.0
+    rule: str | None = None          # None: "margin" where the model's calibration has it, else "mass"
 
     def __post_init__(self):
         if not 0.0 <= self.min_ratio <= self.max_ratio <= 1.0:
             raise QcfuseError(f"need 0 <= min_ratio <= max_ratio <= 1, got {self.min_ratio:g} and {self.max_ratio:g}")
+        if self.rule is not None and self.rule not in RULES:
+            raise QcfuseError(f"unknown auto rule '{self.rule}' (choose from: {', '.join(RULES)})")
 
-    def mass_for(self, calibration: dict | None, selector: str, scoring: dict | None = None) -> float:
-        """The calibrated attention share for this target (linear between calibrated targets). `scoring`: how
-        the selector scores now; a calibration that recorded other settings does not apply."""
+    def table(self, calibration: dict | None, selector: str, scoring: dict | None = None) -> dict:
+        """This selector's calibration. `scoring`: how the selector scores now; a calibration that recorded
+        other settings does not apply."""
         table = (calibration or {}).get(selector)
         if not table:
             raise QcfuseError(f"ratio auto: no calibration of '{selector}' for this model (run `qcfuse calibrate "
@@ -89,10 +98,51 @@ class AutoBudget:
                               + ", ".join(f"{k}={scoring[k]}" for k in changed)
                               + f" (use those settings, or run `qcfuse calibrate --model ... --methods {selector}` "
                               "with the new ones)")
+        return table
+
+    def rule_for(self, table: dict) -> str:
+        if self.rule == "margin" and not table.get("margin"):
+            raise QcfuseError("ratio auto: the margin rule has no calibration for this model and method (run "
+                              "`qcfuse calibrate`, or use rule mass)")
+        return self.rule or ("margin" if table.get("margin") else "mass")
+
+    def count(self, scores: torch.Tensor, table: dict, attempt: int = 0) -> int:
+        """How many top-scored tokens this pass recomputes (attempt: 0 for the first pass, 1 after one
+        escalation, ...)."""
+        if self.rule_for(table) == "mass":
+            return self.tokens(scores, self.mass_for(table))
+        ladder = self.ladder(table)
+        n = scores.numel()
+        return clamp_count(round(ladder[min(attempt, len(ladder) - 1)] * n), n, self.min_ratio, self.max_ratio)
+
+    def settled(self, logits: torch.Tensor | None, table: dict, attempt: int) -> bool:
+        """Whether the pass numbered `attempt` is the request's last: always for the mass rule; for the margin
+        rule when its first token leads by the calibrated margin, or no rung is left."""
+        if self.rule_for(table) == "mass" or logits is None or attempt + 1 >= len(self.ladder(table)):
+            return True
+        return first_token_margin(logits) >= self.margin_step(table)["min_margin"]
+
+    def margin_step(self, table: dict) -> dict:
+        """The margin rule's calibration for this target: the lowest calibrated target at or above it
+        (conservative: no interpolation between thresholds)."""
+        steps = sorted(table["margin"], key=lambda s: s["target"])
+        for step in steps:
+            if step["target"] >= self.target - 1e-9:
+                return step
+        raise QcfuseError(f"ratio auto: target {self.target:g} is above the margin rule's calibrated targets "
+                          f"(up to {steps[-1]['target']:g})")
+
+    def ladder(self, table: dict) -> list[float]:
+        """The rungs for this target, within [min_ratio, max_ratio] (rungs the bounds make equal merge)."""
+        rungs = [min(max(r, self.min_ratio), self.max_ratio) for r in self.margin_step(table)["ladder"]]
+        return sorted(set(rungs))
+
+    def mass_for(self, table: dict) -> float:
+        """The mass rule's calibrated attention share for this target (linear between calibrated targets)."""
         targets, masses = table["targets"], table["mass"]
         if not targets[0] <= self.target <= targets[-1]:
             raise QcfuseError(f"ratio auto: target {self.target:g} is outside the calibrated range "
-                              f"{targets[0]:g}..{targets[-1]:g} for '{selector}'")
+                              f"{targets[0]:g}..{targets[-1]:g}")
         for (t0, m0), (t1, m1) in zip(zip(targets, masses), zip(targets[1:], masses[1:])):
             if t0 <= self.target <= t1:
                 return m0 if t1 == t0 else m0 + (m1 - m0) * (self.target - t0) / (t1 - t0)
@@ -104,6 +154,12 @@ class AutoBudget:
         if n == 0:
             return 0
         return clamp_count(tokens_for_mass(scores, mass), n, self.min_ratio, self.max_ratio)
+
+
+def first_token_margin(logits: torch.Tensor) -> float:
+    """How far the top first token leads the runner-up, in log-probability (nats)."""
+    top = logits.float().log_softmax(-1).topk(2).values
+    return float(top[0] - top[1])
 
 
 def tokens_for_mass(scores: torch.Tensor, mass: float) -> int:

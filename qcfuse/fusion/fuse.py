@@ -32,10 +32,10 @@ class FuseResult:
 
 @torch.inference_mode()
 def fuse(model: Transformer, layout: PromptLayout, reused: ReusedKV | None, selector: Selector,
-         capacity: int, context_only: bool = False) -> FuseResult:
+         capacity: int, context_only: bool = False, attempt: int = 0) -> FuseResult:
     """context_only: fill the context's K/V and stop there (no suffix rows, no logits): for a caller that runs
     the question itself, as vLLM does behind the connector. The context's K/V are the same either way, since
-    no context row attends to the suffix."""
+    no context row attends to the suffix. attempt: which pass of a request this is (ratio auto may escalate)."""
     n, ctx = layout.n_tokens, layout.context_len
     ids = upload(layout.ids, model.device)
     docs = layout.doc_positions()
@@ -43,7 +43,7 @@ def fuse(model: Transformer, layout: PromptLayout, reused: ReusedKV | None, sele
 
     if selector.uses_cache:
         t0 = time.perf_counter()
-        inputs = FusionInputs(model, layout, reused)
+        inputs = FusionInputs(model, layout, reused, attempt)
         selector.stage(inputs)              # the selector's small reads go first on the loader's stream,
         reused.loader.start()               # then the full layers stream behind them while it selects
         doc_rows = _checked(selector.select(inputs), layout)

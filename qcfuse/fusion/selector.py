@@ -191,6 +191,7 @@ class FusionInputs:
     model: Transformer
     layout: PromptLayout
     reused: ReusedKV
+    attempt: int = 0          # ratio auto's margin rule: 0 on the first pass, 1 after one escalation, ...
 
 
 @dataclass
@@ -231,13 +232,25 @@ class Selector:
 
     def top(self, scores: torch.Tensor, inputs: FusionInputs) -> torch.Tensor:
         """The document positions to recompute, given a score per document token: the top `budget`, or
-        with ratio auto the fewest that hold the calibrated share of the scores (fusion/budget.py)."""
+        with ratio auto as many as its rule says for this pass (fusion/budget.py)."""
         layout = inputs.layout
         if self.auto is None:
             return top_positions(scores, layout.doc_positions(), self.budget(layout))
-        mass = self.auto.mass_for(getattr(inputs.model, "auto_calibration", None), self.name,
-                                  self.scoring(inputs.model))
-        return top_positions(scores, layout.doc_positions(), self.auto.tokens(scores, mass))
+        count = self.auto.count(scores, self.auto_table(inputs.model), inputs.attempt)
+        return top_positions(scores, layout.doc_positions(), count)
+
+    def auto_table(self, model) -> dict:
+        """Ratio auto's calibration of this method on `model` (a clear error when there is none that holds)."""
+        return self.auto.table(getattr(model, "auto_calibration", None), self.name, self.scoring(model))
+
+    def auto_rule(self, model) -> str | None:
+        """Which rule of ratio auto sizes this selector's budget on `model` (None at a fixed ratio)."""
+        return None if self.auto is None else self.auto.rule_for(self.auto_table(model))
+
+    def settled(self, model, logits: torch.Tensor | None, attempt: int) -> bool:
+        """After pass `attempt`: whether the request is done (ratio auto's margin rule may ask for another
+        pass with more tokens; a fixed ratio never does)."""
+        return self.auto is None or self.auto.settled(logits, self.auto_table(model), attempt)
 
     def scoring(self, model) -> dict:
         """What this method's scores depend on besides its name and the prompt: ratio auto's calibration,
@@ -279,10 +292,10 @@ def register(cls: type[Selector]) -> type[Selector]:
 
 def make_selector(name: str, ratio: float | str = DEFAULT_RATIO, **options) -> Selector:
     """A selector by name; ratio is a share in [0, 1] or "auto[:TARGET]" (then options may bound it with
-    max_ratio and min_ratio)."""
+    max_ratio and min_ratio, and name its rule with auto_rule: margin or mass)."""
     if name not in SELECTORS:
         raise QcfuseError(f"unknown method '{name}' (choose from: {', '.join(sorted(SELECTORS))})")
-    bounds = {key: options.pop(key) for key in ("max_ratio", "min_ratio") if key in options}
+    bounds = {key: options.pop(key) for key in ("max_ratio", "min_ratio", "auto_rule") if key in options}
     try:
         selector = SELECTORS[name](ratio=ratio, **options)
     except TypeError as exc:          # an option this method does not have
@@ -290,8 +303,10 @@ def make_selector(name: str, ratio: float | str = DEFAULT_RATIO, **options) -> S
     if bounds:
         if selector.auto is None:
             raise QcfuseError(f"{', '.join(bounds)} only apply to ratio auto")
+        rule = bounds.pop("auto_rule", None)
         try:
-            selector.auto = AutoBudget(selector.auto.target, **{k: float(v) for k, v in bounds.items()})
+            selector.auto = AutoBudget(selector.auto.target, **{k: float(v) for k, v in bounds.items()},
+                                       rule=None if rule is None else str(rule))
         except (TypeError, ValueError):
             raise QcfuseError(f"max_ratio and min_ratio must be numbers, got {bounds}") from None
     return selector

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from ..engine import Choice
 from ..fusion import SELECTORS, Selector, make_selector
-from ..fusion.budget import AUTO, ratio_spec
+from ..fusion.budget import AUTO, RULES, ratio_spec
 from ..errors import QcfuseError
 from ..sampling import SamplingError, SamplingParams, TokenLogprob
 
@@ -26,7 +26,7 @@ MAX_TOKENS_LIMIT = 4096          # per answer; the model window is checked as we
 MAX_TEXT_LOGPROBS = 5            # /v1/completions: `logprobs` is how many alternatives, at most 5 (as OpenAI)
 MAX_BODY_BYTES = 8 << 20
 ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
-FUSION_KEYS = {"method", "ratio", "target", "max_ratio"}   # the last two: ratio "auto" only
+FUSION_KEYS = {"method", "ratio", "target", "max_ratio", "rule"}   # the last three: ratio "auto" only
 STREAM_OPTION_KEYS = {"include_usage", "include_obfuscation"}
 
 SAMPLING_FIELDS = {"temperature", "top_p", "seed", "stop", "n", "presence_penalty", "frequency_penalty",
@@ -232,7 +232,8 @@ def _selector(fusion: object, default_method: str, default_ratio: float) -> Sele
     unknown = sorted(set(fusion) - FUSION_KEYS)
     if unknown:
         raise APIError(400, f"unknown fusion field(s) {_show(unknown)}; expected method, ratio (a number or "
-                            f"\"auto\"), and with \"auto\" target and max_ratio", param=f"fusion.{unknown[0][:40]}")
+                            f"\"auto\"), and with \"auto\" target, max_ratio and rule",
+                       param=f"fusion.{unknown[0][:40]}")
     method = fusion.get("method", default_method)
     if not isinstance(method, str) or method not in SELECTORS:
         raise APIError(400, f"unknown method {_show(method)} (choose from: {', '.join(sorted(SELECTORS))})",
@@ -255,6 +256,14 @@ def _selector(fusion: object, default_method: str, default_ratio: float) -> Sele
             raise APIError(400, f"fusion.{key} must be a number within {bounds}, got {_show(value)}",
                            param=f"fusion.{key}")
     options = {"max_ratio": float(fusion["max_ratio"])} if fusion.get("max_ratio") is not None else {}
+    rule = fusion.get("rule")
+    if rule is not None:
+        if not auto:
+            raise APIError(400, "fusion.rule applies to \"ratio\": \"auto\" only", param="fusion.rule")
+        if rule not in RULES:
+            raise APIError(400, f"fusion.rule must be one of {', '.join(RULES)}, got {_show(rule)}",
+                           param="fusion.rule")
+        options["auto_rule"] = rule
     if auto:
         try:
             ratio = ratio_spec(ratio, fusion.get("target"))          # "auto", "auto:0.9", or a separate target

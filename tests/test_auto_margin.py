@@ -1,0 +1,136 @@
+"""Ratio auto's margin rule: fuse small, escalate while the first token is unsure (fusion/budget.py)."""
+import json
+
+import pytest
+import torch
+
+from needle import QUESTION, needle_documents
+from qcfuse.cli import main
+from qcfuse.errors import QcfuseError
+from qcfuse.fusion import make_selector
+from qcfuse.fusion.budget import AutoBudget, first_token_margin
+from qcfuse.profile import fit_auto, fit_margin_rule, run_ladder
+
+LADDER = [0.02, 0.1, 1.0]
+
+
+def margin_table(min_margin: float, ladder=LADDER) -> dict:
+    steps = [{"target": t, "ladder": ladder, "min_margin": min_margin} for t in (0.9, 0.99)]
+    return {"targets": [0.8, 0.99], "mass": [0.5, 0.9], "margin": steps}
+
+
+def test_margin_of_the_first_token():
+    logits = torch.tensor([0.0, 2.0, 1.0, -1.0])
+    assert first_token_margin(logits) == pytest.approx(1.0)          # log-softmax keeps differences
+    assert first_token_margin(torch.tensor([3.0, 3.0])) == 0.0
+
+
+def test_margin_rule_by_hand():
+    table = margin_table(1.0)
+    scores = torch.ones(200) / 200
+    budget = AutoBudget(0.95)
+    assert budget.rule_for(table) == "margin" and AutoBudget(0.95, rule="mass").rule_for(table) == "mass"
+    assert [budget.count(scores, table, a) for a in range(3)] == [4, 20, 200]
+    assert budget.count(scores, table, 7) == 200                    # past the ladder: its last rung
+    sure, unsure = torch.tensor([5.0, 1.0]), torch.tensor([1.0, 0.5])
+    assert budget.settled(sure, table, 0) and not budget.settled(unsure, table, 0)
+    assert not budget.settled(unsure, table, 1) and budget.settled(unsure, table, 2)    # the last rung is kept
+    assert budget.settled(None, table, 0)                                               # nothing to judge by
+    capped = AutoBudget(0.95, max_ratio=0.1)
+    assert capped.ladder(table) == [0.02, 0.1] and capped.settled(unsure, table, 1)
+    assert AutoBudget(0.95, min_ratio=0.5).ladder(table) == [0.5, 1.0]
+    # the lowest calibrated target at or above the one asked for; none above is a clear error
+    assert AutoBudget(0.5).margin_step(table)["target"] == 0.9 and budget.margin_step(table)["target"] == 0.99
+    with pytest.raises(QcfuseError, match="above the margin rule's calibrated targets"):
+        AutoBudget(0.995).margin_step(table)
+    # without a margin calibration the mass rule serves, unless margin is asked for by name
+    plain = {"targets": [0.8, 0.99], "mass": [0.5, 0.9]}
+    assert budget.rule_for(plain) == "mass"
+    with pytest.raises(QcfuseError, match="margin rule has no calibration"):
+        AutoBudget(0.95, rule="margin").rule_for(plain)
+    with pytest.raises(QcfuseError, match="unknown auto rule"):
+        make_selector("qcfuse", "auto", auto_rule="guess")
+    assert make_selector("qcfuse", "auto", auto_rule="mass", max_ratio=0.5).auto.rule == "mass"
+
+
+def _tried(*cells):
+    return [{"ratio": r, "agrees": a, "margin": m} for r, a, m in cells]
+
+
+def test_ladder_and_threshold_fit_by_hand():
+    easy = _tried((0.02, True, 2.0), (0.1, True, 2.5))
+    hard = _tried((0.02, False, 0.5), (0.1, True, 1.5))
+    worst = _tried((0.02, False, 0.3), (0.1, False, 0.4))
+    assert run_ladder({t["ratio"]: t for t in hard}, (0.02, 0.1), 1.0) == (True, pytest.approx(0.12))
+    assert run_ladder({t["ratio"]: t for t in worst}, (0.02, 0.1, 1.0), 1.0) == (True, pytest.approx(1.12))
+    assert run_ladder({t["ratio"]: t for t in worst}, (0.02, 0.1), 1.0) == (False, pytest.approx(0.12))
+    steps = fit_margin_rule([easy, easy, hard, worst], targets=(0.5, 0.75, 1.0))
+    # 0.5: stop at 0.02 always (2 of 4 kept); 0.75: escalate the unsure to 0.1; 1.0: the worst needs everything
+    assert [s["ladder"] for s in steps] == [[0.02], [0.02, 0.1], [0.02, 0.1, 1.0]]
+    assert steps[1]["min_margin"] > 0.5 and steps[2]["min_margin"] > 0.4
+    assert [s["agreement"] for s in steps] == [0.5, 0.75, 1.0]
+    assert steps[2]["mean_share"] == pytest.approx((0.02 + 0.02 + 0.12 + 1.12) / 4, abs=1e-4)
+    # a confident failure at any grid ratio raises the threshold above it, even where the ladder never meets it
+    trap = _tried((0.02, True, 1.0), (0.1, False, 1.2))
+    sure = _tried((0.02, True, 2.0), (0.1, True, 2.0))
+    assert fit_margin_rule([trap, sure], targets=(1.0,))[0]["min_margin"] == 2.0
+    # 2 samples resolve failure rates of 1/2: at target 0.9 the ladder must end in a full recompute, though
+    # stopping at 0.1 would have kept both
+    both = fit_margin_rule([hard, easy], targets=(0.5, 0.9))
+    assert both[0]["ladder"] == [0.02] and both[1]["ladder"] == [0.02, 0.1, 1.0]
+    rows = [{"sample": str(i), "method": "qcfuse", "ratio": 0.1, "mass": 0.5, "tried": t}
+            for i, t in enumerate([easy, easy, hard, worst])]
+    table = fit_auto(rows, {"qcfuse": {"critical_layers": [1]}}, targets=(0.5, 1.0))["qcfuse"]
+    assert [s["target"] for s in table["margin"]] == [0.5, 1.0] and table["grid"] == [0.02, 0.1]
+    assert table["scoring"] == {"critical_layers": [1]}
+
+
+@pytest.fixture(scope="module")
+def needle_layout(smollm2_engine):
+    layout = smollm2_engine.layout(needle_documents(), QUESTION)
+    smollm2_engine.prepare_layout(layout, progress=False)
+    return layout
+
+
+def test_engine_escalates_until_the_first_token_is_sure(smollm2, smollm2_engine, needle_layout, monkeypatch):
+    """Unsure at every rung: the request runs the whole ladder, keeps the last pass's cache and logits (the
+    same as a fixed-ratio run at that rung) and counts every pass. Sure at once: one pass."""
+    layout, engine = needle_layout, smollm2_engine
+    ladder = [0.02, 0.1, 0.3]
+    monkeypatch.setattr(smollm2.transformer, "auto_calibration", {"qcfuse": margin_table(1e9, ladder)})
+    out, stats = engine.prefill(layout, make_selector("qcfuse", "auto:0.95"), 1)
+    n = layout.n_doc_tokens
+    counts = [round(r * n) for r in ladder]
+    assert stats["passes"] == 3 and stats["recomputed_tokens"] == counts[-1] and stats["auto_rule"] == "margin"
+    assert stats["recomputed_total_share"] == pytest.approx(sum(counts) / n)
+    fixed, _ = engine.prefill(layout, make_selector("qcfuse", 0.3), 1)
+    assert torch.equal(out.recomputed, fixed.recomputed)
+    assert torch.allclose(out.logits, fixed.logits, atol=1e-5)
+    monkeypatch.setattr(smollm2.transformer, "auto_calibration", {"qcfuse": margin_table(0.0, ladder)})
+    _, once = engine.prefill(layout, make_selector("qcfuse", "auto:0.95"), 1)
+    assert once["passes"] == 1 and once["recomputed_tokens"] == counts[0]
+    assert once["recomputed_total_share"] == pytest.approx(once["recomputed_share"])
+    # the mass rule, and a fixed ratio, are always one pass
+    _, mass = engine.prefill(layout, make_selector("qcfuse", "auto:0.95", auto_rule="mass"), 1)
+    assert mass["passes"] == 1 and mass["auto_rule"] == "mass"
+    fixed = engine.prefill(layout, make_selector("qcfuse", 0.1), 1)[1]
+    assert fixed["passes"] == 1 and fixed["auto_rule"] is None
+
+
+def test_calibrate_refits_from_logs(tmp_path, capsys):
+    easy = _tried((0.02, True, 2.0), (0.1, True, 2.5))
+    hard = _tried((0.02, False, 0.5), (0.1, True, 1.5))
+    log = tmp_path / "cal.jsonl"
+    log.write_text("".join(json.dumps({"sample": f"s{i}", "method": "qcfuse", "ratio": 0.1, "mass": 0.6,
+                                       "tried": t}) + "\n" for i, t in enumerate([easy, hard, easy])))
+    out = tmp_path / "profile.json"
+    assert main(["calibrate", "--from_logs", str(log), "--out", str(out)]) == 0
+    table = json.loads(out.read_text())["auto"]["qcfuse"]
+    assert table["samples"] == 3 and table["margin"][-1]["ladder"] == [0.02, 0.1, 1.0]     # 0.99: exact last
+    assert "margin rule for 0.99" in capsys.readouterr().out
+    for args, message in ((["--from_logs", str(log), "--sets", "musique_s[0:1]"], "either --sets"), ([], "either --sets"),
+                          (["--from_logs", str(tmp_path / "none.jsonl")], "no file"),
+                          (["--from_logs", f"{log},{log}"], "appears twice")):
+        assert main(["calibrate", *args, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
