@@ -315,9 +315,10 @@ def _plot(path: Path, dataset: str, stats: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     panels = [("rel_score", "quality relative to full prefill"),
-              ("kl", "mean KL(full || fused), first token (lower is better)")]
+              ("kl", "mean KL(full || fused), first token (lower is better)"),
+              ("top1", "same first token as full prefill (share of samples)")]     # what auto's target means
     methods = _methods(stats)
     colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(m for m in methods if m != "fullcomp")}
     for ax, (key, label) in zip(axes, panels):
