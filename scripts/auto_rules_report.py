@@ -12,24 +12,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qcfuse.eval.runner import read_rows
+from qcfuse.eval.runner import read_rows, spent_share
 
 DATASETS = ("musique_s", "ruler_mv", "ruler_mq", "ruler_vt")
 
 
 def rows(path: Path) -> dict:
-    return {r["id"]: r for r in read_rows(path)} if path.is_file() else {}
-
-
-def share(row: dict) -> float:
-    total = row.get("recomputed_total_share")
-    return total if total is not None else row["recomputed_tokens"] / row["context_tokens"]
+    return {r["id"]: r for r in read_rows(path)}
 
 
 def summary(run: dict, ids: list[str]) -> str:
     picked = [run[i] for i in ids]
     n = len(picked)
-    return (f"{sum(share(r) for r in picked) / n:.3f} | {100 * sum(r['top1'] for r in picked) / n:.1f}% | "
+    return (f"{sum(spent_share(r) for r in picked) / n:.3f} | {100 * sum(r['top1'] for r in picked) / n:.1f}% | "
             f"{sum(r['kl'] for r in picked) / n:.4f}")
 
 

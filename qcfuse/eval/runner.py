@@ -188,15 +188,22 @@ def _mean(rows: list[dict], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def spent_share(row: dict) -> float | None:
+    """The share of the document a request recomputed over all its passes (rows from before ratio auto's
+    margin rule have one pass: their recomputed tokens); None when the row does not say."""
+    if row.get("recomputed_total_share") is not None:
+        return row["recomputed_total_share"]
+    if row.get("recomputed_tokens") is not None and row.get("context_tokens"):
+        return row["recomputed_tokens"] / row["context_tokens"]
+    return None
+
+
 def summarize(rows: list[dict]) -> dict:
     out = {"n": len(rows)}
     for key in ("score", "score_full", "rougeL", "same_answer", "top1", "kl", "ttft_s", "ttft_full_s",
                 "selection_s", "recomputed_tokens", "context_tokens"):
         out[key] = _mean(rows, key)
-    shares = [r["recomputed_total_share"] if r.get("recomputed_total_share") is not None
-              else r["recomputed_tokens"] / r["context_tokens"] for r in rows
-              if r.get("recomputed_total_share") is not None
-              or (r.get("recomputed_tokens") is not None and r.get("context_tokens"))]
+    shares = [share for share in map(spent_share, rows) if share is not None]
     out["share"] = sum(shares) / len(shares) if shares else None     # mean recomputed share, every pass counted
     out["passes"] = _mean(rows, "passes")
     out["rel_score"] = out["score"] / out["score_full"] if out["score_full"] else None
