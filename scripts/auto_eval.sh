@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Usage: SIZE=10 bash scripts/auto_eval.sh musique   |   SIZE=5 bash scripts/auto_eval.sh ruler
 # The fixed-ratio rows (qcfuse_r*.jsonl, fullcomp.jsonl) are copies of results/eval/<dataset>/ (engine of
-# commit fb952bd); only the auto rows are run (and the full-prefill references, kept under refs/, not committed).
+# commit fb952bd; the three-layer QCFuse rows are now in results/eval/<dataset>/qcfuse_3layers/); only the auto
+# rows are run (and the full-prefill references, kept under refs/, not committed).
 # ratio auto on held-out samples: musique_s 0-9 by default here (calibration used 90-99), RULER seed 0 (calibration used seed 1)
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python

@@ -24,7 +24,8 @@ print("|---|---|---|---|---|---|---|---|---|---|")
 for t in ("mv", "mq"):
     for r in ("0.1", "0.15", "0.3"):
         deep = rows(f"results/selectors/deep_layers/ruler_{t}/qcfuse_r{r}.jsonl")
-        pk, qc = rows(f"results/eval/ruler_{t}/prophetkv_r{r}.jsonl"), rows(f"results/eval/ruler_{t}/qcfuse_r{r}.jsonl")
+        pk, qc = (rows(f"results/eval/ruler_{t}/prophetkv_r{r}.jsonl"),
+                  rows(f"results/eval/ruler_{t}/qcfuse_3layers/qcfuse_r{r}.jsonl"))
         ids = sorted(set(deep) & set(pk) & set(qc))
         if not ids:
             continue

@@ -1,5 +1,6 @@
-"""Issue 20, part 1: QCFuse with eight critical layers (rows in results/eval_qcfuse8) against ProphetKV and
-QCFuse's former three layers (rows in results/eval), sample by sample, on the samples all three have.
+"""Issue 20, part 1: QCFuse with eight critical layers (rows in results/eval_qcfuse8) against ProphetKV (rows in
+results/eval) and QCFuse's former three layers (results/eval/*/qcfuse_3layers), sample by sample, on the samples
+all three have.
 
 KL and top-1 are exact properties of the engine and compare across machines. Times do not: the rows here
 were measured on another day, engine and load than results/eval's (full prefill of the same prompts took
@@ -16,8 +17,8 @@ from pathlib import Path
 from qcfuse.eval.runner import read_rows
 from qcfuse.eval.sweep import paired_kl
 
-DATASETS = ("musique_s", "ruler_mv", "ruler_mq")
-RATIOS = ("0.1", "0.15", "0.3")
+DATASETS = ("musique_s", "ruler_mv", "ruler_mq", "ruler_vt")
+RATIOS = ("0.05", "0.1", "0.15", "0.3", "0.5")
 # the eight layers were chosen on musique_s 90-99 and RULER seed 1 (scripts/selection_study.py): left out here
 CALIBRATION = {f"musique_s-{i}" for i in range(90, 100)}
 
@@ -39,7 +40,7 @@ def main() -> None:
         for ratio in RATIOS:
             new = rows(new_root / dataset / f"qcfuse_r{ratio}.jsonl")
             pk = rows(old_root / dataset / f"prophetkv_r{ratio}.jsonl")
-            old = rows(old_root / dataset / f"qcfuse_r{ratio}.jsonl")
+            old = rows(old_root / dataset / "qcfuse_3layers" / f"qcfuse_r{ratio}.jsonl")
             ids = sorted(set(new) & set(pk) & set(old) - CALIBRATION)
             if not ids:
                 continue

@@ -376,6 +376,31 @@ def test_report_compares_qcfuse_with_each_selector_at_equal_ttft(tmp_path):
     assert "| 0.1 | 2000 | 0.0500 | outside |" in table and "| 0.3 | 4000 | 0.0300 | 0.0350 |" in table
 
 
+def test_report_marks_rows_timed_against_another_full_prefill(tmp_path):
+    def run(method, ratio, ttft, full):
+        name = "fullcomp.jsonl" if ratio is None else f"{method}_r{ratio:g}.jsonl"
+        (tmp_path / name).write_text("".join(json.dumps({
+            "id": str(i), "method": method, "ratio": ratio, "score": 0.5, "score_full": 0.5, "same_answer": True,
+            "top1": True, "kl": 0.01 / ratio if ratio else 0.0, "ttft_s": ttft, "ttft_full_s": full,
+            "selection_s": 0.0}) + "\n" for i in range(4)))
+    runs = [("fullcomp", None), ("qcfuse", 0.1), ("prophetkv", 0.1), ("prophetkv", 0.3)]
+    run("fullcomp", None, 10.0, 10.0)
+    run("prophetkv", 0.1, 3.0, 10.0)
+    run("prophetkv", 0.3, 7.0, 10.0)
+    run("qcfuse", 0.1, 4.0, 10.0)                 # same reference: compared at equal TTFT
+    result = write_report(tmp_path, "toy", runs, log=lambda *_: None)
+    table = (tmp_path / "table.md").read_text()
+    assert "†" not in table and result["equal_ttft"]["prophetkv:0.1"] == pytest.approx(0.0833, abs=1e-4)
+    run("qcfuse", 0.1, 4.0, 20.0)                 # merged in from a run whose full prefill took 20 s
+    result = write_report(tmp_path, "toy", runs, log=lambda *_: None)
+    table = (tmp_path / "table.md").read_text()
+    assert "| qcfuse | 0.1 | 4 | " in table and "| 4000† | 5.00x† |" in table
+    assert "| prophetkv | 0.1 | 4 | " in table and "| 3000 | 3.33x |" in table
+    assert "† Timed apart" in table and "At equal TTFT: not shown" in table and result["equal_ttft"] == {}
+    png = (tmp_path / "tradeoff.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_report_of_an_unfinished_sweep_compares_the_same_samples(tmp_path, capsys):
     def rows(name, method, ratio, n, top1=True, first=0):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({

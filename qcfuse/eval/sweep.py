@@ -6,6 +6,7 @@ ratio-free. The model and the samples are loaded once for the whole grid.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -140,6 +141,8 @@ def write_report(out_dir: Path, dataset: str, runs, ids=None, log=print) -> dict
     if not rows:
         raise QcfuseError(f"no results in {out_dir}")
     stats = {run: summarize(run_rows) for run, run_rows in rows.items()}
+    apart = _timed_apart(rows)
+    mark = lambda run: TIMED_APART if run in apart else ""
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
     num = lambda x, f=".3f": "-" if x is None else format(x, f)
 
@@ -161,7 +164,13 @@ def write_report(out_dir: Path, dataset: str, runs, ids=None, log=print) -> dict
     for (m, r), s in stats.items():
         lines.append(f"| {m} | {'-' if r is None else f'{r:g}'} | {s['n']} | {num(s['score'])} | {num(s['rel_score'])} "
                      f"| {rate((m, r), 'same_answer')} | {rate((m, r), 'top1')} | {num(s['kl'], '.4f')} "
-                     f"| {num(1000 * s['ttft_s'], '.0f')} | {num(s['speedup'], '.2f')}x |")
+                     f"| {num(1000 * s['ttft_s'], '.0f')}{mark((m, r))} | {num(s['speedup'], '.2f')}x{mark((m, r))} |")
+    if apart:
+        lines += ["", f"{TIMED_APART} Timed apart: these rows carry another full-prefill time than this table's "
+                  "full-prefill rows (rows merged in from another run, day or load). Their speedup is over the "
+                  "full prefill recorded with them, so it compares only as far as the two loads were alike; "
+                  "their TTFT in ms does not compare with the other rows. They are left out of the equal-TTFT "
+                  "comparison and placed in the plot by their speedup."]
     # "within 1% of full prefill", by three criteria: they disagree (a first token that is a formatting
     # token agrees almost always; whole greedy answers rarely do on a small model), so all three are shown
     criteria = [("score", "task score >= 99% of full prefill's", lambda s: s["rel_score"], WITHIN),
@@ -186,15 +195,18 @@ def write_report(out_dir: Path, dataset: str, runs, ids=None, log=print) -> dict
                 continue
             r, s = (ok[0] if ok else (None, None))
             smallest[key][m] = r
-            cells.append(f"{r:g} ({s['speedup']:.2f}x)" if ok else "none in grid")
+            cells.append(f"{r:g} ({s['speedup']:.2f}x{mark((m, r))})" if ok else "none in grid")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     auto = _auto_section(stats)
     lines += auto["lines"]
     head_to_head = _head_to_head(rows, HEAD_TO_HEAD)
-    equal_ttft = _equal_ttft(stats, HEAD_TO_HEAD)
+    equal_ttft = _equal_ttft({run: s for run, s in stats.items() if run not in apart}, HEAD_TO_HEAD)
+    if apart and any(m == HEAD_TO_HEAD for m, _ in apart):
+        equal_ttft["lines"] = ["", f"At equal TTFT: not shown, since {HEAD_TO_HEAD}'s rows here were timed apart "
+                               f"({TIMED_APART}). Compare speed side by side in one run (`qcfuse bench`)."]
     lines += head_to_head["lines"] + equal_ttft["lines"]
     (out_dir / "table.md").write_text("\n".join(lines) + "\n")
-    _plot(out_dir / "tradeoff.png", dataset, stats)
+    _plot(out_dir / "tradeoff.png", dataset, stats, apart)
     log("\n".join(lines))
     log(f"wrote {out_dir / 'table.md'} and {out_dir / 'tradeoff.png'}")
     return {"stats": {f"{m}:{r}": s for (m, r), s in stats.items()}, "smallest_ratio": smallest["top1"],
@@ -203,6 +215,21 @@ def write_report(out_dir: Path, dataset: str, runs, ids=None, log=print) -> dict
 
 
 AUTO_SUFFIX = " auto"
+TIMED_APART = "†"
+
+
+def _timed_apart(rows: dict) -> set:
+    """Runs whose rows carry another full-prefill time than this table's own full-prefill rows: rows merged in
+    from another run, day or load, whose TTFT would otherwise be read against the wrong reference."""
+    full = {row["id"]: row.get("ttft_s") for row in rows.get(("fullcomp", None), [])}
+    apart = set()
+    for run, run_rows in rows.items():
+        if run[0] == "fullcomp":
+            continue
+        if any(row.get("ttft_full_s") is not None and full.get(row["id"]) is not None
+               and not math.isclose(row["ttft_full_s"], full[row["id"]], rel_tol=1e-9) for row in run_rows):
+            apart.add(run)
+    return apart
 
 
 def _auto_as_methods(rows: dict) -> dict:
@@ -310,7 +337,7 @@ def _equal_ttft(stats: dict, ours: str) -> dict:
     return {"lines": lines, "kl": kl}
 
 
-def _plot(path: Path, dataset: str, stats: dict) -> None:
+def _plot(path: Path, dataset: str, stats: dict, apart: set = frozenset()) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -321,9 +348,14 @@ def _plot(path: Path, dataset: str, stats: dict) -> None:
               ("top1", "same first token as full prefill (share of samples)")]     # what auto's target means
     methods = _methods(stats)
     colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(m for m in methods if m != "fullcomp")}
+    full = stats.get(("fullcomp", None), {}).get("ttft_s")
+
+    def ttft_ms(run, s):        # a run timed apart sits where its own speedup puts it against this full prefill
+        return 1000 * (full / s["speedup"] if run in apart and full and s["speedup"] else s["ttft_s"])
+
     for ax, (key, label) in zip(axes, panels):
         for m in methods:
-            pts = sorted(((s["ttft_s"] * 1000, s[key], r) for (mm, r), s in stats.items()
+            pts = sorted(((ttft_ms((mm, r), s), s[key], r) for (mm, r), s in stats.items()
                           if mm == m and s[key] is not None), key=lambda p: p[0])
             if not pts:
                 continue
@@ -333,7 +365,10 @@ def _plot(path: Path, dataset: str, stats: dict) -> None:
             elif m in RATIO_FREE:
                 ax.scatter(xs, ys, marker="x", s=60, label=m, color=colors[m], zorder=3)
             else:
-                ax.plot(xs, ys, marker="o", label=m, color=colors[m])
+                timed_apart = any(mm == m for mm, _ in apart)
+                ax.plot(xs, ys, marker="o", color=colors[m], linestyle="--" if timed_apart else "-",
+                        markerfacecolor="none" if timed_apart else colors[m],
+                        label=m + (f" ({TIMED_APART} placed by its speedup)" if timed_apart else ""))
                 for x, y, r in pts:
                     ax.annotate(f"{r:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
                                 color=colors[m])
