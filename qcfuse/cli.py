@@ -308,8 +308,7 @@ def _refit(args, methods: list[str]) -> int:
     from .errors import QcfuseError
     from .eval.runner import read_rows
     from .eval.sweep import parse_list
-    from .fusion import make_selector
-    from .profile import fit_auto
+    from .profile import fit_auto, scoring_now
     rows = []
     for name in parse_list(args.from_logs, "from_logs"):
         if not Path(name).is_file():
@@ -319,7 +318,7 @@ def _refit(args, methods: list[str]) -> int:
     if len(set(zip(seen, (r["method"] for r in rows)))) != len(rows):
         raise QcfuseError("--from_logs: a sample appears twice for the same method (overlapping runs?)")
     model = _load(args)
-    auto = fit_auto(rows, {m: make_selector(m, 0.15).scoring(model.transformer) for m in methods})
+    auto = fit_auto(rows, scoring_now(model.transformer, methods))
     sets = Counter(re.sub(r"-\d+$", "", sample) for sample in set(seen))
     _write_calibration(args, model.directory, auto, f"logs {args.from_logs}: "
                        + ", ".join(f"{n} of {name}" for name, n in sorted(sets.items())), None)

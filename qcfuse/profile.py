@@ -211,8 +211,14 @@ def calibrate_auto(engine: FusionEngine, samples: list, methods: list[str], targ
             rows.append({"sample": sample.id, "method": method, **found})
             if on_sample is not None:
                 on_sample(rows[-1])
-    out = fit_auto(rows, {m: make_selector(m, 0.15).scoring(engine.model.transformer) for m in methods}, targets)
+    out = fit_auto(rows, scoring_now(engine.model.transformer, methods), targets)
     return {"auto": out, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def scoring_now(model, methods: list[str]) -> dict[str, dict]:
+    """What each method's scores depend on with today's settings on `model`: recorded with a calibration, which
+    holds only for the same."""
+    return {m: make_selector(m, 0.15).scoring(model) for m in methods}
 
 
 def fit_auto(rows: list[dict], scoring: dict[str, dict], targets=AUTO_TARGETS) -> dict:

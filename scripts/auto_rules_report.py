@@ -12,13 +12,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qcfuse.eval.runner import read_rows, spent_share
+from qcfuse.eval.runner import rows_by_id as rows, spent_share
 
 DATASETS = ("musique_s", "ruler_mv", "ruler_mq", "ruler_vt")
-
-
-def rows(path: Path) -> dict:
-    return {r["id"]: r for r in read_rows(path)}
 
 
 def summary(run: dict, ids: list[str]) -> str:

@@ -14,10 +14,10 @@ done
 .venv/bin/python - <<'PY'
 from pathlib import Path
 
-from qcfuse.eval.runner import read_rows
+from qcfuse.eval.runner import rows_by_id
 
 def rows(path):
-    return {r["id"]: r for r in read_rows(Path(path))}
+    return rows_by_id(Path(path))
 
 print("| task | ratio | n | ProphetKV KL | QCFuse 5,6,7 KL | QCFuse deep KL | deep lower than ProphetKV | deep lower than 5,6,7 | deep top-1 | selection ms deep / 5,6,7 / ProphetKV |")
 print("|---|---|---|---|---|---|---|---|---|---|")

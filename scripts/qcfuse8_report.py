@@ -14,17 +14,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qcfuse.eval.runner import read_rows
+from qcfuse.eval.runner import rows_by_id as rows
 from qcfuse.eval.sweep import paired_kl
 
 DATASETS = ("musique_s", "ruler_mv", "ruler_mq", "ruler_vt")
 RATIOS = ("0.05", "0.1", "0.15", "0.3", "0.5")
 # the eight layers were chosen on musique_s 90-99 and RULER seed 1 (scripts/selection_study.py): left out here
 CALIBRATION = {f"musique_s-{i}" for i in range(90, 100)}
-
-
-def rows(path: Path) -> dict:
-    return {r["id"]: r for r in read_rows(path)}
 
 
 def main() -> None:

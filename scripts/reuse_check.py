@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qcfuse.eval.runner import read_rows
+from qcfuse.eval.runner import rows_by_id
 from qcfuse.model.loader import load_tokenizer
 
 
@@ -30,8 +30,7 @@ def main() -> None:
           "reuse's) | right 2% passes flagged (false alarms) | re-read tokens match the rows' verdicts |")
     print("|---|---|---|---|---|---|---|")
     for folder in sorted(Path(args.dir).iterdir()):
-        reuse = {r["id"]: r for r in read_rows(folder / "reuse.jsonl")}
-        fused = {r["id"]: r for r in read_rows(folder / "qcfuse_r0.02.jsonl")}
+        reuse, fused = rows_by_id(folder / "reuse.jsonl"), rows_by_id(folder / "qcfuse_r0.02.jsonl")
         ids = sorted(set(reuse) & set(fused))
         if not ids:
             continue

@@ -188,6 +188,11 @@ def _mean(rows: list[dict], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def rows_by_id(path: Path, config: dict | None = None) -> dict[str, dict]:
+    """A results file's rows keyed by sample id (`read_rows`)."""
+    return {r["id"]: r for r in read_rows(path, config)}
+
+
 def spent_share(row: dict) -> float | None:
     """The share of the document a request recomputed over all its passes (rows from before ratio auto's
     margin rule have one pass: their recomputed tokens); None when the row does not say."""
@@ -233,7 +238,7 @@ def run_eval(cfg: EvalConfig, engine=None, samples: list[Sample] | None = None, 
     cfg.resolved()
     out = Path(cfg.out)
     config = cfg.row_config()
-    done = {r["id"]: r for r in read_rows(out, config)}
+    done = rows_by_id(out, config)
     if samples is None:
         samples = load_samples(cfg, tokenizer=engine.model.tokenizer if engine is not None else None)
     todo = [s for s in samples if s.id not in done]
