@@ -251,7 +251,8 @@ def _generate(args) -> int:
         print("\n  logprobs: " + ", ".join(f"{lp.token!r} {lp.logprob:.3f}" for lp in result.logprobs))
     ratio = f"{out['ratio']:.2f}" if isinstance(out["ratio"], float) else (
         f"{out['ratio']}, chose {out['recomputed_share']:.3f}" + (f" after {out['passes']} passes (all together "
-        f"{out['recomputed_total_share']:.3f})" if out.get("passes", 1) > 1 else ""))
+        f"{out['recomputed_total_share']:.3f})" if out.get("passes", 1) > 1 else "")
+        + (", its first pass checked against plain reuse" if out.get("reuse_checked") else ""))
     print(f"\n  method {out['method']} (ratio {ratio}): recomputed {out['recomputed_tokens']} of "
           f"{out['context_tokens']} document tokens (+{out['suffix_tokens']} suffix tokens)")
     print(f"  TTFT {out['ttft_s'] * 1000:.1f} ms, of which selection {out['selection_s'] * 1000:.1f} ms; "
@@ -334,8 +335,8 @@ def _write_calibration(args, model_dir: Path, auto: dict, sets: str, seconds: fl
         print(f"{method}: attention share per target ({table['samples']} samples): {pairs}")
         for step in table.get("margin", []):
             print(f"{method}: margin rule for {step['target']:g}: ladder {step['ladder']}, accept at a margin of "
-                  f"{step['min_margin']:.3f}; on the calibration set it kept {100 * step['agreement']:.0f}% at a "
-                  f"mean share of {step['mean_share']:.3f}")
+                  f"{step['min_margin']:.3f}{' and reuse check' if step.get('reuse_check') else ''}; on the "
+                  f"calibration set it kept {100 * step['agreement']:.0f}% at a mean share of {step['mean_share']:.3f}")
     print(f"written to {out}")
 
 

@@ -174,25 +174,24 @@ class FusionEngine:
                 pieces.append(self._source(layout.prefix))     # shared by every request: not a chunk
             pieces += [self._source(ids) for ids in layout.chunks]
         sources = [p.source for p in pieces]
-        passes, recomputed_total, selection_s, io_wait_s = 0, 0, 0.0, 0.0
+        passes, recomputed_total, selection_s, waits = 0, 0, 0.0, []
+        reuse: list[int] = []           # ratio auto's reuse check: reuse's first token, once computed
+
+        def reuse_token() -> int:
+            if not reuse:
+                plain = self._fuse_pass(layout, sources, make_selector("reuse"), layout.n_tokens, False, 0, waits)
+                reuse.append(int(plain.logits.argmax()))
+            return reuse[0]
+
         while True:     # one pass, unless ratio auto's margin rule finds the first token unsure and escalates
-            reused = loader = None
-            if selector.uses_cache:
-                loader = LayerLoader(sources, model.n_layers, model.device, background=self._background(sources))
-                reused = ReusedKV(sources, prefix_len=len(layout.prefix), loader=loader)
-            try:
-                out = fuse(model, layout, reused, selector, capacity=layout.n_tokens + max_new_tokens,
-                           context_only=context_only and selector.auto is None, attempt=passes)
-                synchronize(model.device)
-            finally:
-                if loader is not None:
-                    loader.close()
+            out = self._fuse_pass(layout, sources, selector, layout.n_tokens + max_new_tokens,
+                                  context_only and selector.auto is None, passes, waits)
             passes += 1
             recomputed_total += int(out.recomputed.numel())
             selection_s += out.selection_s
-            io_wait_s += loader.io_wait_s if loader else 0.0
-            if selector.settled(model, out.logits, passes - 1):
+            if selector.settled(model, out.logits, passes - 1, reuse_token):
                 break
+        io_wait_s = sum(waits)
         if context_only:
             out.logits = None
         for piece in pieces:
@@ -209,6 +208,7 @@ class FusionEngine:
             "recomputed_share": int(out.recomputed.numel()) / max(1, layout.n_doc_tokens),   # what auto chose
             "auto_rule": selector.auto_rule(model),               # ratio auto: "margin" or "mass"
             "passes": passes,                                     # more than 1: auto's margin rule escalated
+            "reuse_checked": bool(reuse),                         # auto's reuse check ran a plain reuse pass
             "recomputed_total_share": recomputed_total / max(1, layout.n_doc_tokens),   # over every pass
             "context_tokens": layout.n_doc_tokens,
             "prompt_tokens": layout.n_tokens,
@@ -225,6 +225,24 @@ class FusionEngine:
             "decode_s": 0.0,
         }
         return out, stats
+
+    def _fuse_pass(self, layout: PromptLayout, sources: list, selector: Selector, capacity: int,
+                   context_only: bool, attempt: int, waits: list[float]) -> FuseResult:
+        """One run of the fuse loop, each layer read anew from the chunk sources (appends its I/O wait)."""
+        model = self.model.transformer
+        reused = loader = None
+        if selector.uses_cache:
+            loader = LayerLoader(sources, model.n_layers, model.device, background=self._background(sources))
+            reused = ReusedKV(sources, prefix_len=len(layout.prefix), loader=loader)
+        try:
+            out = fuse(model, layout, reused, selector, capacity=capacity, context_only=context_only,
+                       attempt=attempt)
+            synchronize(model.device)
+        finally:
+            if loader is not None:
+                loader.close()
+        waits.append(loader.io_wait_s if loader else 0.0)
+        return out
 
 
 @dataclass

@@ -72,6 +72,7 @@ def profile_model(engine: FusionEngine, samples: list[tuple[list[str], str]], ra
     for i, (docs, question) in enumerate(tqdm(samples, desc="profiling layers", unit="sample", disable=not progress)):
         layout = engine.layout(docs, question)
         full = engine.generate_layout(layout, make_selector("fullcomp"), 1).first_logits
+        reuse_token = int(engine.generate_layout(layout, make_selector("reuse"), 1).first_logits.argmax())
         pieces = [engine._entry(ids)[0] for ids in [layout.prefix, *layout.chunks] if ids]
         scores = per_layer_scores(engine, layout, ReusedKV(pieces, len(layout.prefix)))
         budget = int(round(ratio * layout.n_doc_tokens))
@@ -129,7 +130,8 @@ def needed_share(engine: FusionEngine, layout, scores: torch.Tensor, full_logits
         fused = engine.generate_layout(layout, _Fixed(top_positions(scores, layout.doc_positions(), k)), 1)
         agrees = int(fused.first_logits.argmax()) == top1
         tried.append({"ratio": ratio, "agrees": agrees, "kl": round(kl_first_token(full_logits, fused.first_logits), 6),
-                      "margin": round(first_token_margin(fused.first_logits), 6)})
+                      "margin": round(first_token_margin(fused.first_logits), 6),
+                      "token": int(fused.first_logits.argmax())})
         if agrees and found is None:
             found = {"ratio": ratio, "mass": round(mass_of_top(scores, k), 6)}
             if not every:
@@ -137,15 +139,21 @@ def needed_share(engine: FusionEngine, layout, scores: torch.Tensor, full_logits
     return {**(found or {"ratio": 1.0, "mass": 1.0}), "tried": tried}
 
 
-def run_ladder(tried: dict[float, dict], ladder: tuple[float, ...], min_margin: float) -> tuple[bool, float]:
+def run_ladder(tried: dict[float, dict], ladder: tuple[float, ...], min_margin: float,
+               reuse_token: int | None = None) -> tuple[bool, float]:
     """What the margin rule does on one calibration sample: (first token kept, share recomputed over all
-    passes). `tried`: that sample's verdict and margin per grid ratio; a rung of 1.0 recomputes everything."""
+    passes). `tried`: that sample's verdict, margin and token per grid ratio; a rung of 1.0 recomputes
+    everything. reuse_token: plain reuse's first token, for the reuse check (None: no check)."""
     spent = 0.0
     for i, ratio in enumerate(ladder):
         spent += ratio
         if ratio >= 1.0:
             return True, spent                              # exact: full prefill's first token
-        if i == len(ladder) - 1 or tried[ratio]["margin"] >= min_margin:
+        last = i == len(ladder) - 1
+        sure = tried[ratio]["margin"] >= min_margin
+        if sure and i == 0 and reuse_token is not None:
+            sure = tried[ratio]["token"] == reuse_token     # a first pass that overturns reuse is escalated
+        if last or sure:
             return tried[ratio]["agrees"], spent
     raise ValueError("empty ladder")
 
@@ -155,11 +163,16 @@ def _precision(pairs: list[tuple[float, bool]], min_margin: float) -> float:
     return sum(kept) / len(kept) if kept else 1.0
 
 
-def fit_margin_rule(samples: list[list[dict]], targets=AUTO_TARGETS, max_rungs: int = MAX_RUNGS) -> list[dict]:
+def fit_margin_rule(samples: list[list[dict]], targets=AUTO_TARGETS, max_rungs: int = MAX_RUNGS,
+                    reuse_tokens: list[int] | None = None) -> list[dict]:
     """Per target t: the ladder and margin with the least mean recompute (every pass counted) that keep full
     prefill's first token in a share >= t of the calibration samples, among margins that hold at every grid
     ratio (below). Ladders: 1 to `max_rungs` ratios of the grid the samples were fused at, the last accepted
-    as it is, or followed by a full recompute (required for targets finer than the set resolves)."""
+    as it is, or followed by a full recompute (required for targets finer than the set resolves).
+    reuse_tokens (reuse's first token per sample, when logged with each pass's token): targets finer than the
+    set resolves add the reuse check on top of their ladder and margin, where it keeps the target on the set.
+    The set has no failures left there to fit a margin on, and the check guards against those it missed;
+    it is added, never traded for a lower margin, whose precision the set did check."""
     by_ratio = [{t["ratio"]: t for t in tried} for tried in samples]
     grid = sorted(set.intersection(*(set(r) for r in by_ratio))) if by_ratio else []
     if not grid:
@@ -187,6 +200,12 @@ def fit_margin_rule(samples: list[list[dict]], targets=AUTO_TARGETS, max_rungs: 
                 if agreement >= target - 1e-9 and (best is None or spent < best["mean_share"] - 1e-12):
                     best = {"target": target, "ladder": list(ladder), "min_margin": min_margin,
                             "agreement": round(agreement, 4), "mean_share": round(spent, 4)}
+        if best is not None and exact and reuse_tokens is not None and len(best["ladder"]) > 1:
+            runs = [run_ladder(r, best["ladder"], best["min_margin"], token) for r, token in zip(by_ratio, reuse_tokens)]
+            agreement = sum(kept for kept, _ in runs) / len(runs)
+            if agreement >= target - 1e-9:
+                best.update(reuse_check=True, agreement=round(agreement, 4),
+                            mean_share=round(sum(s for _, s in runs) / len(runs), 4))
         steps.append(best or {"target": target, "ladder": [1.0], "min_margin": 0.0, "agreement": 1.0,
                               "mean_share": 1.0})
     return steps
@@ -202,13 +221,14 @@ def calibrate_auto(engine: FusionEngine, samples: list, methods: list[str], targ
     for sample in tqdm(samples, desc="calibrating ratio auto", unit="sample", disable=not progress):
         layout = engine.layout(sample.documents, sample.question)
         full = engine.generate_layout(layout, make_selector("fullcomp"), 1).first_logits
+        reuse_token = int(engine.generate_layout(layout, make_selector("reuse"), 1).first_logits.argmax())
         pieces = [engine._entry(ids)[0] for ids in [layout.prefix, *layout.chunks] if ids]
         for method in methods:
             selector = make_selector(method, 0.15)
             scores = selector.scores(FusionInputs(engine.model.transformer, layout,
                                                   ReusedKV(pieces, len(layout.prefix))))
             found = needed_share(engine, layout, scores, full, grid, every=True)
-            rows.append({"sample": sample.id, "method": method, **found})
+            rows.append({"sample": sample.id, "method": method, **found, "reuse_token": reuse_token})
             if on_sample is not None:
                 on_sample(rows[-1])
     out = fit_auto(rows, scoring_now(engine.model.transformer, methods), targets)
@@ -234,7 +254,9 @@ def fit_auto(rows: list[dict], scoring: dict[str, dict], targets=AUTO_TARGETS) -
         ordered = sorted(r["mass"] for r in mine)
         quantile = [ordered[min(len(ordered) - 1, max(0, math.ceil(t * len(ordered)) - 1))] for t in targets]
         every = [r["tried"] for r in mine if r["tried"] and all("margin" in t for t in r["tried"])]
-        margin = fit_margin_rule(every, targets) if len(every) == len(mine) else []
+        checked = all("reuse_token" in r and all("token" in t for t in r["tried"]) for r in mine)
+        margin = (fit_margin_rule(every, targets, reuse_tokens=[r["reuse_token"] for r in mine] if checked else None)
+                  if len(every) == len(mine) else [])
         out[method] = {"targets": list(targets), "mass": [round(m, 6) for m in quantile], "samples": len(mine),
                        "grid": sorted({t["ratio"] for r in mine for t in r["tried"]}),
                        **({"margin": margin} if margin else {}),

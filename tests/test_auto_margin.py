@@ -8,6 +8,7 @@ from needle import QUESTION, needle_documents
 from qcfuse.cli import main
 from qcfuse.errors import QcfuseError
 from qcfuse.fusion import make_selector
+from qcfuse.fusion import selector as selector_module
 from qcfuse.fusion.budget import AutoBudget, first_token_margin
 from qcfuse.profile import fit_auto, fit_margin_rule, run_ladder
 
@@ -85,6 +86,54 @@ def test_ladder_and_threshold_fit_by_hand():
     assert table["scoring"] == {"critical_layers": [1]}
 
 
+def test_reuse_check_by_hand():
+    """A first pass sure by its margin is accepted only if reuse's first token is the same; reuse is asked at
+    most once, and only when the margin would accept."""
+    table = margin_table(1.0)
+    for step in table["margin"]:
+        step["reuse_check"] = True
+    budget = AutoBudget(0.95)
+    sure, unsure = torch.tensor([5.0, 1.0]), torch.tensor([1.0, 0.5])      # both pick token 0
+    calls = []
+    def reuse(token):
+        return lambda: calls.append(token) or token
+    assert budget.checks_reuse(table) and not budget.checks_reuse(margin_table(1.0))
+    assert budget.settled(sure, table, 0, reuse(0)) and not budget.settled(sure, table, 0, reuse(1))
+    assert calls == [0, 1]
+    assert not budget.settled(unsure, table, 0, reuse(0)) and calls == [0, 1]          # the margin decides first
+    assert budget.settled(sure, table, 1, reuse(1)) and calls == [0, 1]                # first passes only
+    assert budget.settled(sure, margin_table(1.0), 0, reuse(1)) and calls == [0, 1]    # not calibrated: no check
+    assert not AutoBudget(0.95, rule="mass").checks_reuse(table)
+
+
+def _tokened(*cells):
+    return [{"ratio": r, "agrees": a, "margin": m, "token": t} for r, a, m, t in cells]
+
+
+def test_reuse_check_fit_by_hand():
+    """A confident first pass that overturns reuse: without the check it passes at a margin the set trusts; with
+    it, it climbs. Only targets the set cannot resolve get the check, on top of the same ladder and margin."""
+    easy = _tokened((0.02, True, 2.0, 7), (0.1, True, 2.5, 7))
+    overturned = _tokened((0.02, True, 2.0, 7), (0.1, True, 2.5, 7))       # reuse said 5, fusion fixed it
+    unsure = _tokened((0.02, True, 0.5, 7), (0.1, True, 1.5, 7))
+    assert run_ladder({t["ratio"]: t for t in overturned}, (0.02, 0.1), 1.0, reuse_token=5) == (True, pytest.approx(0.12))
+    assert run_ladder({t["ratio"]: t for t in overturned}, (0.02, 0.1), 1.0, reuse_token=7) == (True, pytest.approx(0.02))
+    assert run_ladder({t["ratio"]: t for t in overturned}, (0.02,), 1.0, reuse_token=5) == (True, pytest.approx(0.02))
+    samples, tokens = [easy, overturned, unsure], [7, 5, 7]
+    plain = fit_margin_rule(samples, targets=(0.5, 0.99))
+    checked = fit_margin_rule(samples, targets=(0.5, 0.99), reuse_tokens=tokens)
+    assert "reuse_check" not in checked[0] and checked[0] == plain[0]
+    exact = checked[1]
+    assert exact["reuse_check"] and exact["ladder"] == plain[1]["ladder"] and exact["min_margin"] == plain[1]["min_margin"]
+    assert exact["mean_share"] > plain[1]["mean_share"] and "reuse_check" not in plain[1]
+    rows = [{"sample": str(i), "method": "qcfuse", "ratio": 0.02, "mass": 0.5, "tried": t, "reuse_token": k}
+            for i, (t, k) in enumerate(zip(samples, tokens))]
+    table = fit_auto(rows, {"qcfuse": {}}, targets=(0.5, 0.99))["qcfuse"]
+    assert table["margin"][1]["reuse_check"]
+    del rows[0]["reuse_token"]                                             # logs without reuse's token: no check
+    assert "reuse_check" not in fit_auto(rows, {"qcfuse": {}}, targets=(0.5, 0.99))["qcfuse"]["margin"][1]
+
+
 @pytest.fixture(scope="module")
 def needle_layout(smollm2_engine):
     layout = smollm2_engine.layout(needle_documents(), QUESTION)
@@ -110,11 +159,27 @@ def test_engine_escalates_until_the_first_token_is_sure(smollm2, smollm2_engine,
     _, once = engine.prefill(layout, make_selector("qcfuse", "auto:0.95"), 1)
     assert once["passes"] == 1 and once["recomputed_tokens"] == counts[0]
     assert once["recomputed_total_share"] == pytest.approx(once["recomputed_share"])
+    assert not once["reuse_checked"]
+    # the reuse check: a first pass sure by its margin is kept only where reuse's first token is the same
+    reuse_token = int(engine.prefill(layout, make_selector("reuse"), 1)[0].logits.argmax())
+    checked = margin_table(0.0, ladder)
+    for step in checked["margin"]:
+        step["reuse_check"] = True
+    monkeypatch.setattr(smollm2.transformer, "auto_calibration", {"qcfuse": checked})
+    first, _ = engine.prefill(layout, make_selector("qcfuse", 0.02), 1)
+    _, guarded = engine.prefill(layout, make_selector("qcfuse", "auto:0.95"), 1)
+    assert guarded["reuse_checked"]
+    assert guarded["passes"] == (1 if int(first.logits.argmax()) == reuse_token else 2)
     # the mass rule, and a fixed ratio, are always one pass
     _, mass = engine.prefill(layout, make_selector("qcfuse", "auto:0.95", auto_rule="mass"), 1)
     assert mass["passes"] == 1 and mass["auto_rule"] == "mass"
     fixed = engine.prefill(layout, make_selector("qcfuse", 0.1), 1)[1]
     assert fixed["passes"] == 1 and fixed["auto_rule"] is None
+    # a first pass turned down by the check takes the next rung
+    monkeypatch.setattr(selector_module.Selector, "settled",
+                        lambda self, model, logits, attempt, reuse_token=None: attempt > 0 or reuse_token() == -1)
+    _, forced = engine.prefill(layout, make_selector("qcfuse", "auto:0.95"), 1)
+    assert forced["passes"] == 2 and forced["reuse_checked"]
 
 
 def test_calibrate_refits_from_logs(tmp_path, capsys):

@@ -7,6 +7,10 @@ Two rules, both calibrated by `qcfuse calibrate` on samples kept out of what is 
   otherwise fuse again at the next rung (the last rung is always accepted). A confident fused answer is rarely
   a wrong one, and how hard a request is shows only in its own result, so easy requests stop at a tiny share
   and hard ones pay more. Every pass is counted in what the request spent (`recomputed_total_share`).
+  Where the calibration turns on its reuse check (targets it cannot resolve, whose ladders end in a full
+  recompute), a first pass is accepted only if its first token is also plain reuse's: a first pass recomputes
+  so little that overturning reuse's answer is a sign it is unsure, whatever its margin. Reuse's token costs
+  one suffix pass over the unfused cache, run only when the first pass would otherwise be accepted.
 - "mass": recompute the smallest set of top-scored tokens that holds a calibrated share of the question's
   attention (the scores sum to 1): the per-sample share that kept the first token, at its t-quantile over the
   calibration set. One pass, but the share a task needs varies by task more than by request.
@@ -16,6 +20,7 @@ Both are bounded by [min_ratio, max_ratio] of the document tokens.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -115,12 +120,24 @@ class AutoBudget:
         n = scores.numel()
         return clamp_count(round(ladder[min(attempt, len(ladder) - 1)] * n), n, self.min_ratio, self.max_ratio)
 
-    def settled(self, logits: torch.Tensor | None, table: dict, attempt: int) -> bool:
+    def settled(self, logits: torch.Tensor | None, table: dict, attempt: int,
+                reuse_token: Callable[[], int] | None = None) -> bool:
         """Whether the pass numbered `attempt` is the request's last: always for the mass rule; for the margin
-        rule when its first token leads by the calibrated margin, or no rung is left."""
+        rule when its first token leads by the calibrated margin (and, on a first pass where the calibration
+        checks reuse, is reuse's first token as well), or no rung is left. reuse_token: computes reuse's first
+        token when called (called at most once here, only when it decides)."""
         if self.rule_for(table) == "mass" or logits is None or attempt + 1 >= len(self.ladder(table)):
             return True
-        return first_token_margin(logits) >= self.margin_step(table)["min_margin"]
+        step = self.margin_step(table)
+        if first_token_margin(logits) < step["min_margin"]:
+            return False
+        if attempt == 0 and self.checks_reuse(table) and reuse_token is not None:
+            return int(logits.argmax()) == reuse_token()
+        return True
+
+    def checks_reuse(self, table: dict) -> bool:
+        """Whether a first pass must also agree with plain reuse's first token (the margin rule only)."""
+        return self.rule_for(table) == "margin" and bool(self.margin_step(table).get("reuse_check"))
 
     def margin_step(self, table: dict) -> dict:
         """The margin rule's calibration for this target: the lowest calibrated target at or above it

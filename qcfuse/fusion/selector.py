@@ -247,10 +247,11 @@ class Selector:
         """Which rule of ratio auto sizes this selector's budget on `model` (None at a fixed ratio)."""
         return None if self.auto is None else self.auto.rule_for(self.auto_table(model))
 
-    def settled(self, model, logits: torch.Tensor | None, attempt: int) -> bool:
+    def settled(self, model, logits: torch.Tensor | None, attempt: int, reuse_token=None) -> bool:
         """After pass `attempt`: whether the request is done (ratio auto's margin rule may ask for another
-        pass with more tokens; a fixed ratio never does)."""
-        return self.auto is None or self.auto.settled(logits, self.auto_table(model), attempt)
+        pass with more tokens; a fixed ratio never does). reuse_token: a call that gives plain reuse's first
+        token, for the margin rule's reuse check."""
+        return self.auto is None or self.auto.settled(logits, self.auto_table(model), attempt, reuse_token)
 
     def scoring(self, model) -> dict:
         """What this method's scores depend on besides its name and the prompt: ratio auto's calibration,
