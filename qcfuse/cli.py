@@ -114,7 +114,8 @@ def _method_args(p: argparse.ArgumentParser, what: str) -> None:
                         "more while the first token is unsure (query-aware methods; see --target)")
     p.add_argument("--target", type=float, help="--ratio auto: the calibrated first-token agreement to aim for "
                                                 "(default 0.99); bound it with --opt max_ratio=0.5; --opt "
-                                                "auto_rule=mass for the one-pass attention-share rule")
+                                                "auto_rule=mass for the one-pass attention-share rule; --opt "
+                                                "reuse_check=false skips the margin rule's reuse check")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

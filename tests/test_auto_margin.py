@@ -104,6 +104,14 @@ def test_reuse_check_by_hand():
     assert budget.settled(sure, table, 1, reuse(1)) and calls == [0, 1]                # first passes only
     assert budget.settled(sure, margin_table(1.0), 0, reuse(1)) and calls == [0, 1]    # not calibrated: no check
     assert not AutoBudget(0.95, rule="mass").checks_reuse(table)
+    # by choice: off (one suffix pass less), or on where the calibration has none
+    assert not AutoBudget(0.95, reuse_check=False).checks_reuse(table)
+    assert AutoBudget(0.95, reuse_check=True).checks_reuse(margin_table(1.0))
+    assert make_selector("qcfuse", "auto", reuse_check="false").auto.reuse_check is False
+    with pytest.raises(QcfuseError, match="true or false"):
+        make_selector("qcfuse", "auto", reuse_check="maybe")
+    with pytest.raises(QcfuseError, match="only apply to ratio auto"):
+        make_selector("qcfuse", 0.1, reuse_check=True)
 
 
 def _tokened(*cells):

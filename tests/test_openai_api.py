@@ -236,12 +236,17 @@ def test_ratio_auto_through_the_server(client):
     assert capped["recomputed_share"] <= 0.05 + 1e-9
     mass = chat(client, max_tokens=2, extra_body={"fusion": {"ratio": "auto", "rule": "mass"}}).model_extra["fusion"]
     assert mass["passes"] == 1 and mass["recomputed_total_share"] == pytest.approx(mass["recomputed_share"])
+    unchecked = chat(client, max_tokens=2, extra_body={"fusion": {"ratio": "auto", "reuse_check": False}}
+                     ).model_extra["fusion"]
+    assert unchecked["reuse_checked"] is False
     for fusion, param in [({"method": "epic", "ratio": "auto"}, "fusion"),
                           ({"ratio": "auto", "rule": "hunch"}, "fusion.rule"),
                           ({"ratio": 0.2, "rule": "mass"}, "fusion.rule"),
                           ({"ratio": "auto:2"}, "fusion.ratio"),
                           ({"ratio": "auto", "target": 1.5}, "fusion.target"),
                           ({"ratio": 0.2, "max_ratio": 0.5}, "fusion.max_ratio"),
+                          ({"ratio": "auto", "reuse_check": "yes"}, "fusion.reuse_check"),
+                          ({"ratio": 0.2, "reuse_check": True}, "fusion.reuse_check"),
                           ({"ratio": "most"}, "fusion.ratio")]:
         with pytest.raises(openai.BadRequestError) as caught:
             chat(client, max_tokens=2, extra_body={"fusion": fusion})

@@ -211,6 +211,7 @@ def summarize(rows: list[dict]) -> dict:
     shares = [share for share in map(spent_share, rows) if share is not None]
     out["share"] = sum(shares) / len(shares) if shares else None     # mean recomputed share, every pass counted
     out["passes"] = _mean(rows, "passes")
+    out["reuse_checked"] = _mean(rows, "reuse_checked")           # share of requests that ran auto's reuse check
     out["rel_score"] = out["score"] / out["score_full"] if out["score_full"] else None
     out["speedup"] = out["ttft_full_s"] / out["ttft_s"] if out["ttft_s"] else None
     return out

@@ -252,8 +252,9 @@ def _auto_section(stats: dict) -> dict:
         return {"lines": [], "rows": []}
     lines = ["", "Ratio auto (its budget per request; the share recomputed counts every pass of the margin rule) "
              "against the same method at fixed ratios:", "",
-             "| method | target | n | mean share recomputed | mean passes | top-1 | mean KL | fixed ratio with "
-             "top-1 >= 99% (its top-1) | fixed-ratio KL at auto's share |", "|---|---|---|---|---|---|---|---|---|"]
+             "| method | target | n | mean share recomputed | mean passes | reuse checked | top-1 | mean KL | fixed "
+             "ratio with top-1 >= 99% (its top-1) | fixed-ratio KL at auto's share |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     out = []
     for m, t in sorted(autos):
         base, s = m[: -len(AUTO_SUFFIX)], stats[(m, t)]
@@ -265,13 +266,13 @@ def _auto_section(stats: dict) -> dict:
                     else None)
         best = enough[0] if enough else None
         out.append({"method": base, "target": t, "n": s["n"], "share": s["share"], "passes": s.get("passes"),
-                    "top1": s["top1"], "kl": s["kl"],
+                    "reuse_checked": s.get("reuse_checked"), "top1": s["top1"], "kl": s["kl"],
                     "fixed_ratio_99": best[0] if best else None, "fixed_top1": best[1]["top1"] if best else None,
                     "fixed_kl_at_share": at_share})
         fixed_cell = f"{best[0]:g} ({_fmt(best[1]['top1'], pct=True)})" if best else "none in grid"
         shared_cell = "outside grid" if at_share is None else _fmt(at_share, ".4f")
         lines.append(f"| {base} | {t:g} | {s['n']} | {_fmt(s['share'])} | {_fmt(s.get('passes'), '.2f')} | "
-                     f"{_fmt(s['top1'], pct=True)} | "
+                     f"{_fmt(s.get('reuse_checked'), pct=True)} | {_fmt(s['top1'], pct=True)} | "
                      f"{_fmt(s['kl'], '.4f')} | {fixed_cell} | {shared_cell} |")
     return {"lines": lines, "rows": out}
 

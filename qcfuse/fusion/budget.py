@@ -81,12 +81,15 @@ class AutoBudget:
     max_ratio: float = DEFAULT_MAX_RATIO
     min_ratio: float = 0.0
     rule: str | None = None          # None: "margin" where the model's calibration has it, else "mass"
+    reuse_check: bool | None = None  # the margin rule's reuse check; None: as calibrated for the target
 
     def __post_init__(self):
         if not 0.0 <= self.min_ratio <= self.max_ratio <= 1.0:
             raise QcfuseError(f"need 0 <= min_ratio <= max_ratio <= 1, got {self.min_ratio:g} and {self.max_ratio:g}")
         if self.rule is not None and self.rule not in RULES:
             raise QcfuseError(f"unknown auto rule '{self.rule}' (choose from: {', '.join(RULES)})")
+        if self.reuse_check is not None and not isinstance(self.reuse_check, bool):
+            raise QcfuseError(f"reuse_check must be true or false, got {self.reuse_check!r}")
 
     def table(self, calibration: dict | None, selector: str, scoring: dict | None = None) -> dict:
         """This selector's calibration. `scoring`: how the selector scores now; a calibration that recorded
@@ -136,8 +139,11 @@ class AutoBudget:
         return True
 
     def checks_reuse(self, table: dict) -> bool:
-        """Whether a first pass must also agree with plain reuse's first token (the margin rule only)."""
-        return self.rule_for(table) == "margin" and bool(self.margin_step(table).get("reuse_check"))
+        """Whether a first pass must also agree with plain reuse's first token (the margin rule only; off by
+        choice costs one suffix pass less per request, at the agreement the calibration had without it)."""
+        if self.rule_for(table) != "margin":
+            return False
+        return bool(self.margin_step(table).get("reuse_check")) if self.reuse_check is None else self.reuse_check
 
     def margin_step(self, table: dict) -> dict:
         """The margin rule's calibration for this target: the lowest calibrated target at or above it

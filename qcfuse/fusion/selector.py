@@ -293,10 +293,11 @@ def register(cls: type[Selector]) -> type[Selector]:
 
 def make_selector(name: str, ratio: float | str = DEFAULT_RATIO, **options) -> Selector:
     """A selector by name; ratio is a share in [0, 1] or "auto[:TARGET]" (then options may bound it with
-    max_ratio and min_ratio, and name its rule with auto_rule: margin or mass)."""
+    max_ratio and min_ratio, name its rule with auto_rule: margin or mass, and turn the margin rule's reuse
+    check on or off with reuse_check)."""
     if name not in SELECTORS:
         raise QcfuseError(f"unknown method '{name}' (choose from: {', '.join(sorted(SELECTORS))})")
-    bounds = {key: options.pop(key) for key in ("max_ratio", "min_ratio", "auto_rule") if key in options}
+    bounds = {key: options.pop(key) for key in ("max_ratio", "min_ratio", "auto_rule", "reuse_check") if key in options}
     try:
         selector = SELECTORS[name](ratio=ratio, **options)
     except TypeError as exc:          # an option this method does not have
@@ -305,9 +306,12 @@ def make_selector(name: str, ratio: float | str = DEFAULT_RATIO, **options) -> S
         if selector.auto is None:
             raise QcfuseError(f"{', '.join(bounds)} only apply to ratio auto")
         rule = bounds.pop("auto_rule", None)
+        check = bounds.pop("reuse_check", None)
+        if check is not None:
+            check = {"true": True, "1": True, "false": False, "0": False}.get(str(check).lower(), check)
         try:
             selector.auto = AutoBudget(selector.auto.target, **{k: float(v) for k, v in bounds.items()},
-                                       rule=None if rule is None else str(rule))
+                                       rule=None if rule is None else str(rule), reuse_check=check)
         except (TypeError, ValueError):
             raise QcfuseError(f"max_ratio and min_ratio must be numbers, got {bounds}") from None
     return selector

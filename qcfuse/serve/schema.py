@@ -26,7 +26,7 @@ MAX_TOKENS_LIMIT = 4096          # per answer; the model window is checked as we
 MAX_TEXT_LOGPROBS = 5            # /v1/completions: `logprobs` is how many alternatives, at most 5 (as OpenAI)
 MAX_BODY_BYTES = 8 << 20
 ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
-FUSION_KEYS = {"method", "ratio", "target", "max_ratio", "rule"}   # the last three: ratio "auto" only
+FUSION_KEYS = {"method", "ratio", "target", "max_ratio", "rule", "reuse_check"}   # all but two: ratio "auto" only
 STREAM_OPTION_KEYS = {"include_usage", "include_obfuscation"}
 
 SAMPLING_FIELDS = {"temperature", "top_p", "seed", "stop", "n", "presence_penalty", "frequency_penalty",
@@ -232,7 +232,7 @@ def _selector(fusion: object, default_method: str, default_ratio: float) -> Sele
     unknown = sorted(set(fusion) - FUSION_KEYS)
     if unknown:
         raise APIError(400, f"unknown fusion field(s) {_show(unknown)}; expected method, ratio (a number or "
-                            f"\"auto\"), and with \"auto\" target, max_ratio and rule",
+                            f"\"auto\"), and with \"auto\" target, max_ratio, rule and reuse_check",
                        param=f"fusion.{unknown[0][:40]}")
     method = fusion.get("method", default_method)
     if not isinstance(method, str) or method not in SELECTORS:
@@ -264,6 +264,14 @@ def _selector(fusion: object, default_method: str, default_ratio: float) -> Sele
             raise APIError(400, f"fusion.rule must be one of {', '.join(RULES)}, got {_show(rule)}",
                            param="fusion.rule")
         options["auto_rule"] = rule
+    check = fusion.get("reuse_check")
+    if check is not None:
+        if not auto:
+            raise APIError(400, "fusion.reuse_check applies to \"ratio\": \"auto\" only", param="fusion.reuse_check")
+        if not isinstance(check, bool):
+            raise APIError(400, f"fusion.reuse_check must be true or false, got {_show(check)}",
+                           param="fusion.reuse_check")
+        options["reuse_check"] = check
     if auto:
         try:
             ratio = ratio_spec(ratio, fusion.get("target"))          # "auto", "auto:0.9", or a separate target
