@@ -1,5 +1,7 @@
 """Issue 20, part 2: would "escalate a 2% pass whose first token differs from plain reuse's" catch ratio auto's
-misses? Checked on the calibration split only (musique_s 80-99, RULER seed 1, 6 each), whose rows come from
+misses? The check that led to the margin rule's reuse check (built since: fusion/budget.py; `qcfuse calibrate` now
+logs the tokens themselves). Checked on the calibration split only (musique_s 80-99, RULER seed 1, 6 each), whose
+rows come from
 
     qcfuse sweep --dataset musique_s --first 80 --size 20 --methods reuse,qcfuse --ratios 0.02 --threads 1 --quiet \
         --out_dir results/auto/margin/reuse_check/musique_s

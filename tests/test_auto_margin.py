@@ -110,7 +110,7 @@ def test_reuse_check_by_hand():
     assert make_selector("qcfuse", "auto", reuse_check="false").auto.reuse_check is False
     with pytest.raises(QcfuseError, match="true or false"):
         make_selector("qcfuse", "auto", reuse_check="maybe")
-    with pytest.raises(QcfuseError, match="only apply to ratio auto"):
+    with pytest.raises(QcfuseError, match="to ratio auto only"):
         make_selector("qcfuse", 0.1, reuse_check=True)
 
 

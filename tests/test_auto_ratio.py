@@ -55,7 +55,7 @@ def test_only_query_aware_methods_take_auto():
     for method in ("epic", "cacheblend", "reuse", "fullcomp"):
         with pytest.raises(QcfuseError, match="query-aware"):
             make_selector(method, "auto")
-    with pytest.raises(QcfuseError, match="only apply to ratio auto"):
+    with pytest.raises(QcfuseError, match="to ratio auto only"):
         make_selector("qcfuse", 0.15, max_ratio=0.5)
     with pytest.raises(QcfuseError, match="does not combine"):
         make_selector("qcfuse", "auto", chunk_heads=4)

@@ -462,7 +462,8 @@ def test_report_compares_ratio_auto_with_fixed_ratios(tmp_path):
     run("qcfuse", 0.3, [True] * 99 + [False], 0.02, 0.3)
     run("qcfuse", 0.5, [True] * 100, 0.01, 0.5)
     # the margin rule's passes all count: the cache kept 0.1 recomputed, the request spent 0.2 in two passes
-    run("qcfuse", "auto:0.99", [True] * 100, 0.015, 0.1, recomputed_total_share=0.2, passes=2)
+    run("qcfuse", "auto:0.99", [True] * 100, 0.015, 0.1, recomputed_total_share=0.2, passes=2,
+        reuse_checked=True)
     run("epic", 0.1, [False] * 100, 0.5, 0.1)
     runs = grid(["epic", "qcfuse"], [0.1, 0.3, 0.5, "auto:0.99"])
     assert ("epic", "auto:0.99") not in runs and runs[-1] == ("qcfuse", "auto:0.99")
@@ -472,6 +473,7 @@ def test_report_compares_ratio_auto_with_fixed_ratios(tmp_path):
     assert auto["fixed_ratio_99"] == 0.3 and auto["top1"] == 1.0
     assert auto["fixed_kl_at_share"] == pytest.approx(0.03)           # halfway between 0.1 (0.04) and 0.3 (0.02)
     table = (tmp_path / "table.md").read_text()
-    assert "| qcfuse | 0.99 | 100 | 0.200 | 2.00 | 100.0% | 0.0150 | 0.3 (99.0%) | 0.0300 |" in table
+    assert auto["reuse_checked"] == 1.0
+    assert "| qcfuse | 0.99 | 100 | 0.200 | 2.00 | 100.0% | 100.0% | 0.0150 | 0.3 (99.0%) | 0.0300 |" in table
     assert "qcfuse auto" not in result["smallest_ratio"]                # auto is not a fixed-ratio row
     assert set(result["head_to_head"]) == {"epic:0.1"}

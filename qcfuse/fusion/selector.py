@@ -304,7 +304,7 @@ def make_selector(name: str, ratio: float | str = DEFAULT_RATIO, **options) -> S
         raise QcfuseError(f"bad option for method '{name}': {exc}") from None
     if bounds:
         if selector.auto is None:
-            raise QcfuseError(f"{', '.join(bounds)} only apply to ratio auto")
+            raise QcfuseError(f"{', '.join(bounds)} appl{'ies' if len(bounds) == 1 else 'y'} to ratio auto only")
         rule = bounds.pop("auto_rule", None)
         check = bounds.pop("reuse_check", None)
         if check is not None:
