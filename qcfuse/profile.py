@@ -72,7 +72,6 @@ def profile_model(engine: FusionEngine, samples: list[tuple[list[str], str]], ra
     for i, (docs, question) in enumerate(tqdm(samples, desc="profiling layers", unit="sample", disable=not progress)):
         layout = engine.layout(docs, question)
         full = engine.generate_layout(layout, make_selector("fullcomp"), 1).first_logits
-        reuse_token = int(engine.generate_layout(layout, make_selector("reuse"), 1).first_logits.argmax())
         pieces = [engine._entry(ids)[0] for ids in [layout.prefix, *layout.chunks] if ids]
         scores = per_layer_scores(engine, layout, ReusedKV(pieces, len(layout.prefix)))
         budget = int(round(ratio * layout.n_doc_tokens))

@@ -134,6 +134,7 @@ def test_needed_share_is_the_smallest_grid_ratio_that_keeps_the_first_token(smol
         fused = engine.generate_layout(layout, _Fixed(top_positions(scores, layout.doc_positions(), k)), 1)
         agrees = int(fused.first_logits.argmax()) == int(full.argmax())
         assert agrees == (ratio == found["ratio"]), ratio
+        assert found["tried"][grid.index(ratio)]["token"] == int(fused.first_logits.argmax())   # the reuse check's
     assert found["mass"] == pytest.approx(mass_of_top(scores, int(round(found["ratio"] * layout.n_doc_tokens))),
                                           abs=1e-5)
 
@@ -153,6 +154,10 @@ def test_calibration_takes_the_target_quantile(monkeypatch, smollm2_engine):
     # what the scores depended on is recorded with them
     assert out["auto"]["qcfuse"]["scoring"]["critical_layers"] == smollm2_engine.model.transformer.critical_layers
     assert [row["sample"] for row in seen] == ["0", "1", "2", "3"]
+    for row, sample in zip(seen, samples):                 # plain reuse's first token, for the reuse check
+        layout = smollm2_engine.layout(sample.documents, sample.question)
+        reuse = smollm2_engine.generate_layout(layout, make_selector("reuse"), 1).first_logits
+        assert row["reuse_token"] == int(reuse.argmax())
 
 
 @pytest.mark.parametrize("args,message", [
