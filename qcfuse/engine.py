@@ -175,17 +175,24 @@ class FusionEngine:
             pieces += [self._source(ids) for ids in layout.chunks]
         sources = [p.source for p in pieces]
         passes, recomputed_total, selection_s, waits = 0, 0, 0.0, []
-        reuse: list[int] = []           # ratio auto's reuse check: reuse's first token, once computed
+        reuse: list[int] = []           # ratio auto's reuse check: reuse's first token, once it was asked for
+        first: list[FuseResult] = []
 
         def reuse_token() -> int:
             if not reuse:
-                plain = self._fuse_pass(layout, sources, make_selector("reuse"), layout.n_tokens, False, 0, waits)
-                reuse.append(int(plain.logits.argmax()))
+                plain = first[0].reuse_logits
+                if plain is None:      # not computed beside the first pass: a pass of its own
+                    plain = self._fuse_pass(layout, sources, make_selector("reuse"), layout.n_tokens, False, 0,
+                                            waits).logits
+                reuse.append(int(plain.argmax()))
             return reuse[0]
 
         while True:     # one pass, unless ratio auto's margin rule finds the first token unsure and escalates
             out = self._fuse_pass(layout, sources, selector, layout.n_tokens + max_new_tokens,
-                                  context_only and selector.auto is None, passes, waits)
+                                  context_only and selector.auto is None, passes, waits,
+                                  with_reuse=passes == 0 and selector.checks_reuse(model))
+            if not first:
+                first.append(out)
             passes += 1
             recomputed_total += int(out.recomputed.numel())
             selection_s += out.selection_s
@@ -208,7 +215,7 @@ class FusionEngine:
             "recomputed_share": int(out.recomputed.numel()) / max(1, layout.n_doc_tokens),   # what auto chose
             "auto_rule": selector.auto_rule(model),               # ratio auto: "margin" or "mass"
             "passes": passes,                                     # more than 1: auto's margin rule escalated
-            "reuse_checked": bool(reuse),                         # auto's reuse check ran a plain reuse pass
+            "reuse_checked": bool(reuse),                         # auto's reuse check decided the first pass
             "recomputed_total_share": recomputed_total / max(1, layout.n_doc_tokens),   # over every pass
             "context_tokens": layout.n_doc_tokens,
             "prompt_tokens": layout.n_tokens,
@@ -227,7 +234,7 @@ class FusionEngine:
         return out, stats
 
     def _fuse_pass(self, layout: PromptLayout, sources: list, selector: Selector, capacity: int,
-                   context_only: bool, attempt: int, waits: list[float]) -> FuseResult:
+                   context_only: bool, attempt: int, waits: list[float], with_reuse: bool = False) -> FuseResult:
         """One run of the fuse loop, each layer read anew from the chunk sources (appends its I/O wait)."""
         model = self.model.transformer
         reused = loader = None
@@ -236,7 +243,7 @@ class FusionEngine:
             reused = ReusedKV(sources, prefix_len=len(layout.prefix), loader=loader)
         try:
             out = fuse(model, layout, reused, selector, capacity=capacity, context_only=context_only,
-                       attempt=attempt)
+                       attempt=attempt, with_reuse=with_reuse)
             synchronize(model.device)
         finally:
             if loader is not None:

@@ -175,8 +175,12 @@ def test_engine_escalates_until_the_first_token_is_sure(smollm2, smollm2_engine,
         step["reuse_check"] = True
     monkeypatch.setattr(smollm2.transformer, "auto_calibration", {"qcfuse": checked})
     first, _ = engine.prefill(layout, make_selector("qcfuse", 0.02), 1)
+    calls, original = [], engine._fuse_pass
+    monkeypatch.setattr(engine, "_fuse_pass", lambda *a, **k: calls.append(k.get("with_reuse")) or original(*a, **k))
     _, guarded = engine.prefill(layout, make_selector("qcfuse", "auto:0.95"), 1)
+    monkeypatch.setattr(engine, "_fuse_pass", original)
     assert guarded["reuse_checked"]
+    assert calls[0] and len(calls) == guarded["passes"]        # reuse's token came with the first pass
     assert guarded["passes"] == (1 if int(first.logits.argmax()) == reuse_token else 2)
     # the mass rule, and a fixed ratio, are always one pass
     _, mass = engine.prefill(layout, make_selector("qcfuse", "auto:0.95", auto_rule="mass"), 1)
@@ -188,6 +192,22 @@ def test_engine_escalates_until_the_first_token_is_sure(smollm2, smollm2_engine,
                         lambda self, model, logits, attempt, reuse_token=None: attempt > 0 or reuse_token() == -1)
     _, forced = engine.prefill(layout, make_selector("qcfuse", "auto:0.95"), 1)
     assert forced["passes"] == 2 and forced["reuse_checked"]
+
+
+def test_reuse_logits_beside_a_fused_pass_are_plain_reuses(smollm2_engine, needle_layout):
+    """The reuse check's shadow rows give what a plain reuse pass gives, and leave the fused pass as it was."""
+    engine, layout = smollm2_engine, needle_layout
+    sources = [engine._source(ids).source for ids in [layout.prefix, *layout.chunks] if ids]
+    run = lambda selector, **kw: engine._fuse_pass(layout, sources, selector, layout.n_tokens, False, 0, [], **kw)
+    both = run(make_selector("qcfuse", 0.05), with_reuse=True)
+    alone = run(make_selector("qcfuse", 0.05))
+    plain = run(make_selector("reuse"))
+    assert alone.reuse_logits is None and not torch.equal(plain.logits, alone.logits)
+    assert torch.allclose(both.reuse_logits, plain.logits, atol=1e-5)
+    assert torch.allclose(both.logits, alone.logits, atol=1e-5) and torch.equal(both.recomputed, alone.recomputed)
+    for layer in (0, smollm2_engine.model.transformer.n_layers - 1):      # the fused cache too
+        assert torch.allclose(both.buffer.k[layer, :, :layout.n_tokens], alone.buffer.k[layer, :, :layout.n_tokens],
+                              atol=1e-5)
 
 
 def test_calibrate_refits_from_logs(tmp_path, capsys):

@@ -28,14 +28,19 @@ class FuseResult:
     logits: torch.Tensor | None   # [vocab] first-token logits (None when only the context was filled)
     recomputed: torch.Tensor  # document positions recomputed through the last layer
     selection_s: float
+    reuse_logits: torch.Tensor | None = None   # [vocab] plain reuse's first-token logits, when asked for
 
 
 @torch.inference_mode()
 def fuse(model: Transformer, layout: PromptLayout, reused: ReusedKV | None, selector: Selector,
-         capacity: int, context_only: bool = False, attempt: int = 0) -> FuseResult:
+         capacity: int, context_only: bool = False, attempt: int = 0, with_reuse: bool = False) -> FuseResult:
     """context_only: fill the context's K/V and stop there (no suffix rows, no logits): for a caller that runs
     the question itself, as vLLM does behind the connector. The context's K/V are the same either way, since
-    no context row attends to the suffix. attempt: which pass of a request this is (ratio auto may escalate)."""
+    no context row attends to the suffix. attempt: which pass of a request this is (ratio auto may escalate).
+    with_reuse: also plain reuse's first-token logits (ratio auto's reuse check), from a shadow of the suffix
+    rows that steps through each layer after the reused K/V are placed and before the fused rows overwrite
+    the selected ones (and the shadow's own suffix K/V): what a reuse pass computes, without reading the
+    layers twice."""
     n, ctx = layout.n_tokens, layout.context_len
     ids = upload(layout.ids, model.device)
     docs = layout.doc_positions()
@@ -59,10 +64,16 @@ def fuse(model: Transformer, layout: PromptLayout, reused: ReusedKV | None, sele
     rows = torch.cat([doc_rows, always]).sort().values                     # on the host: plans need no sync
     attention = model.plan(rows, n)
     h = model.embed(ids[attention.rows])                                   # [n_rows, E]
+    shadow = None
+    if with_reuse and selector.uses_cache and not context_only:
+        shadow = model.plan(layout.suffix_positions(), n)                   # plain reuse's rows
+        h_reuse = model.embed(ids[shadow.rows])                            # [n_suffix, E]
     for layer in range(model.n_layers):
         if selector.uses_cache:
             k_old, v_old = reused.layer(layer)                             # [Hkv, ctx, D] pre-RoPE
             model.place_reused(buffer, layer, k_old, v_old)
+        if shadow is not None:
+            h_reuse, _, _ = model.layer_step(layer, h_reuse, shadow, buffer)
         h, k_new, v_new = model.layer_step(layer, h, attention, buffer)
 
         if selector.uses_cache and layer in selector.refine_layers:
@@ -82,7 +93,8 @@ def fuse(model: Transformer, layout: PromptLayout, reused: ReusedKV | None, sele
 
     recomputed = rows[(rows >= len(layout.prefix)) & (rows < ctx)]
     logits = None if context_only else model.logits(h[-1:])[0]
-    return FuseResult(buffer, logits, recomputed.cpu(), selection_s)
+    reuse_logits = None if shadow is None else model.logits(h_reuse[-1:])[0]
+    return FuseResult(buffer, logits, recomputed.cpu(), selection_s, reuse_logits)
 
 
 def synchronize(device: torch.device) -> None:

@@ -253,6 +253,10 @@ class Selector:
         token, for the margin rule's reuse check."""
         return self.auto is None or self.auto.settled(logits, self.auto_table(model), attempt, reuse_token)
 
+    def checks_reuse(self, model) -> bool:
+        """Whether ratio auto's margin rule checks a first pass against plain reuse's first token on `model`."""
+        return self.auto is not None and self.auto.checks_reuse(self.auto_table(model))
+
     def scoring(self, model) -> dict:
         """What this method's scores depend on besides its name and the prompt: ratio auto's calibration,
         which records it, holds only for the same (default: nothing)."""
