@@ -9,8 +9,9 @@ Two rules, both calibrated by `qcfuse calibrate` on samples kept out of what is 
   and hard ones pay more. Every pass is counted in what the request spent (`recomputed_total_share`).
   Where the calibration turns on its reuse check (targets it cannot resolve, whose ladders end in a full
   recompute), a first pass is accepted only if its first token is also plain reuse's: a first pass recomputes
-  so little that overturning reuse's answer is a sign it is unsure, whatever its margin. Reuse's token costs
-  one suffix pass over the unfused cache, run only when the first pass would otherwise be accepted.
+  so little that overturning reuse's answer is a sign it is unsure, whatever its margin. Reuse's token comes
+  with the first pass: its suffix rows run once more per layer over the reused K/V (fusion/fuse.py,
+  with_reuse), with no second read of the chunk caches.
 - "mass": recompute the smallest set of top-scored tokens that holds a calibrated share of the question's
   attention (the scores sum to 1): the per-sample share that kept the first token, at its t-quantile over the
   calibration set. One pass, but the share a task needs varies by task more than by request.
@@ -140,7 +141,8 @@ class AutoBudget:
 
     def checks_reuse(self, table: dict) -> bool:
         """Whether a first pass must also agree with plain reuse's first token (the margin rule only; off by
-        choice costs one suffix pass less per request, at the agreement the calibration had without it)."""
+        choice saves the suffix rows' second run through the layers, at the agreement the calibration had
+        without it)."""
         if self.rule_for(table) != "margin":
             return False
         return bool(self.margin_step(table).get("reuse_check")) if self.reuse_check is None else self.reuse_check
