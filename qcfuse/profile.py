@@ -138,23 +138,31 @@ def needed_share(engine: FusionEngine, layout, scores: torch.Tensor, full_logits
     return {**(found or {"ratio": 1.0, "mass": 1.0}), "tried": tried}
 
 
-def run_ladder(tried: dict[float, dict], ladder: tuple[float, ...], min_margin: float,
-               reuse_token: int | None = None) -> tuple[bool, float]:
-    """What the margin rule does on one calibration sample: (first token kept, share recomputed over all
-    passes). `tried`: that sample's verdict, margin and token per grid ratio; a rung of 1.0 recomputes
-    everything. reuse_token: plain reuse's first token, for the reuse check (None: no check)."""
+def ladder_stop(tried: dict[float, dict], ladder: tuple[float, ...], min_margin: float,
+                reuse_token: int | None = None) -> tuple[float, float]:
+    """Where the margin rule stops on one calibration sample: (the rung whose pass it keeps, share recomputed
+    over all passes). `tried`: that sample's verdict, margin and token per grid ratio; a rung of 1.0
+    recomputes everything. reuse_token: plain reuse's first token, for the reuse check (None: no check)."""
     spent = 0.0
     for i, ratio in enumerate(ladder):
         spent += ratio
         if ratio >= 1.0:
-            return True, spent                              # exact: full prefill's first token
+            return ratio, spent                             # exact: full prefill's first token
         last = i == len(ladder) - 1
         sure = tried[ratio]["margin"] >= min_margin
         if sure and i == 0 and reuse_token is not None:
             sure = tried[ratio]["token"] == reuse_token     # a first pass that overturns reuse is escalated
         if last or sure:
-            return tried[ratio]["agrees"], spent
+            return ratio, spent
     raise ValueError("empty ladder")
+
+
+def run_ladder(tried: dict[float, dict], ladder: tuple[float, ...], min_margin: float,
+               reuse_token: int | None = None) -> tuple[bool, float]:
+    """What the margin rule does on one calibration sample: (first token kept, share recomputed over all
+    passes); see `ladder_stop`."""
+    ratio, spent = ladder_stop(tried, ladder, min_margin, reuse_token)
+    return ratio >= 1.0 or tried[ratio]["agrees"], spent
 
 
 def _precision(pairs: list[tuple[float, bool]], min_margin: float) -> float:

@@ -17,19 +17,15 @@ import json
 
 import numpy as np
 
+from qcfuse.profile import ladder_stop
+
 BANDS = (0.02, 0.04, 0.06, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7)
 
 
 def replay(tried: dict, ladder: tuple, min_margin: float) -> tuple[bool, float, float]:
     """(first token kept, KL, share over all passes) of one sample under one ladder and margin."""
-    spent = 0.0
-    for i, ratio in enumerate(ladder):
-        spent += ratio
-        if ratio >= 1.0:
-            return True, 0.0, spent
-        if i == len(ladder) - 1 or tried[ratio]["margin"] >= min_margin:
-            return tried[ratio]["agrees"], tried[ratio]["kl"], spent
-    raise ValueError("empty ladder")
+    ratio, spent = ladder_stop(tried, ladder, min_margin)
+    return (True, 0.0, spent) if ratio >= 1.0 else (tried[ratio]["agrees"], tried[ratio]["kl"], spent)
 
 
 def main() -> None:
