@@ -120,8 +120,7 @@ class FusionEngine:
         scripts/time_requests.py)."""
         if not self.background_loading:
             return False
-        in_memory = {"memory", "computed", "recomputed"}
-        return self.model.transformer.device.type == "cuda" or any(s.tier not in in_memory for s in sources)
+        return self.model.transformer.device.type == "cuda" or not _in_memory(sources)
 
     def check_fits(self, layout: PromptLayout, max_new_tokens: int) -> None:
         if max_new_tokens < 1:
@@ -239,7 +238,10 @@ class FusionEngine:
         model = self.model.transformer
         reused = loader = None
         if selector.uses_cache:
-            loader = LayerLoader(sources, model.n_layers, model.device, background=self._background(sources))
+            # from memory the copy has slack and its host work slows a selection that launches work: start it
+            # at the first full-layer read; from disk or Redis the read is long: start it before selection
+            loader = LayerLoader(sources, model.n_layers, model.device, background=self._background(sources),
+                                 eager=not _in_memory(sources))
             reused = ReusedKV(sources, prefix_len=len(layout.prefix), loader=loader)
         try:
             out = fuse(model, layout, reused, selector, capacity=capacity, context_only=context_only,
@@ -267,6 +269,11 @@ class _Piece:
     def served(self) -> bool:
         """Read whole from the store: found, and not recomputed when a part failed mid-request."""
         return self.found and not self.source.recomputed
+
+
+def _in_memory(sources: list) -> bool:
+    """Every chunk is served from memory (host or GPU), none from a slow tier."""
+    return all(s.tier in ("memory", "computed", "recomputed") for s in sources)
 
 
 def _cached_tokens(pieces: list[_Piece], recomputed: torch.Tensor) -> int:

@@ -395,14 +395,50 @@ class _GatedTier(MemoryTier):
         reader = super().open(key, fingerprint)
         if reader is None:
             return None
-        read, tier = reader.layer, self
+        read, read_group, tier = reader.layer, reader.layers, self
 
         def gated_layer(layer):
             if layer == tier.last_layer:
                 tier.gate.wait(timeout=60)
             return read(layer)
-        reader.layer, reader.tier = gated_layer, "gated"
+
+        def gated_layers(start, stop):          # the background loader reads a few layers at a time
+            if start <= tier.last_layer < stop:
+                tier.gate.wait(timeout=60)
+            return read_group(start, stop)
+        reader.layer, reader.layers, reader.tier = gated_layer, gated_layers, "gated"
         return reader
+
+
+@pytest.mark.parametrize("n_layers", [4, 7, 9])
+def test_background_loader_reads_groups_of_layers(tier, n_layers):
+    """The background loader reads each chunk GROUP_LAYERS layers at a time (fewer host calls beside a selector
+    that launches work), from any tier, and hands out exactly the stored layers, the last group short or not."""
+    from qcfuse.cache import loader as loader_module
+    entries = [ChunkKV(torch.randn(n_layers, 2, n, 8), torch.randn(n_layers, 2, n, 8)) for n in (5, 3, 6)]
+    calls = []
+    for i, e in enumerate(entries):
+        tier.put(f"key{i}", FP, e)
+    sources = []
+    for i in range(len(entries)):
+        reader = tier.open(f"key{i}", FP)
+        read_group = reader.layers
+
+        def counted(start, stop, read_group=read_group):
+            calls.append((start, stop))
+            return read_group(start, stop)
+        reader.layers = counted
+        sources.append(reader)
+    loader = loader_module.LayerLoader(sources, n_layers, background=True)
+    for layer in reversed(range(n_layers)):
+        k, v = loader.layer(layer)
+        assert torch.equal(k, torch.cat([e.k[layer] for e in entries], dim=1))
+        assert torch.equal(v, torch.cat([e.v[layer] for e in entries], dim=1))
+    loader.close()
+    group = loader_module.GROUP_LAYERS
+    starts = list(range(0, n_layers, group))
+    assert sorted(set(calls)) == [(a, min(n_layers, a + group)) for a in starts]
+    assert len(calls) == len(entries) * len(starts)
 
 
 def test_qcfuse_selects_while_layers_still_load(smollm2, reference):
@@ -434,6 +470,31 @@ def test_qcfuse_selects_while_layers_still_load(smollm2, reference):
     gen_serial = serial.generate_layout(serial.layout(DOCS, QUESTION), make_selector("qcfuse", 0.3), 8)
     assert _same_result(gen_serial, reference)
     assert gen_serial.stats["io_wait_s"] > 0 and gen_serial.stats["bytes_loaded"] > 0
+
+
+def test_loader_from_memory_starts_at_the_first_full_layer_read(smollm2, reference, monkeypatch):
+    """From memory, a background loader does not stream while QCFuse selects from its query cache (its host work
+    would slow the selection, and the copy has slack); ProphetKV's selection reads full layers and starts it."""
+    engine = FusionEngine(smollm2)
+    engine.prepare(DOCS)
+    monkeypatch.setattr(engine, "_background", lambda sources: True)      # as on a GPU
+    seen = {}
+
+    def watching(method):
+        class Watching(type(make_selector(method))):
+            def select(self, inputs):
+                seen[f"{method} before"] = inputs.reused.loader._thread is not None
+                out = super().select(inputs)
+                seen[f"{method} after"] = inputs.reused.loader._thread is not None
+                return out
+        return Watching(0.3)
+    for method in ("qcfuse", "prophetkv"):
+        gen = engine.generate_layout(engine.layout(DOCS, QUESTION), watching(method), 8)
+        assert gen.stats["bytes_loaded"] > 0
+        if method == "qcfuse":
+            assert _same_result(gen, reference)
+    assert seen == {"qcfuse before": False, "qcfuse after": False, "prophetkv before": False,
+                    "prophetkv after": True}
 
 
 # -- the command line -----------------------------------------------------------------------------------------------

@@ -30,6 +30,9 @@ class ChunkKV:
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._layers[layer]
 
+    def layers(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[start:stop], self.v[start:stop]                  # [stop-start, Hkv, n, D] views
+
     @cached_property
     def _layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         # views made once per entry, not once per request and layer (k and v are never reassigned)

@@ -4,10 +4,11 @@
 falls back to recomputing the chunk if a part turns out broken or its tier goes away mid-request (never a
 wrong answer, never a failed request). `LayerLoader` reads layer l of every chunk, joins them into the
 context's [Hkv, C, D] K and V, and with `background=True` does so ahead of compute in a thread, so compute
-waits only for the layer it needs. On CUDA every transfer goes on the loader's own stream: each chunk's layer
-lands in one contiguous piece by a plain DMA from pinned memory (no temporaries, no strided copy), and one
-kernel joins the pieces; compute waits on that layer's event only, never on the host. Whatever a selector
-stages on `stream` before `start()` (its small query cache) arrives before the first full layer.
+waits only for the layer it needs. The background thread reads a few layers at a time (`GROUP_LAYERS`). On
+CUDA every transfer goes on the loader's own stream: each chunk's group of layers lands in one contiguous
+piece by a plain DMA from pinned memory (no temporaries, no strided copy), and one kernel per group joins the
+pieces; compute waits on that group's event only, never on the host. Whatever a selector stages on `stream`
+before `start()` (its small query cache) arrives before the first full layer.
 """
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ from .kv import ChunkKV
 from .store import EntryReader, MemoryReader, TierUnavailable
 
 log = logging.getLogger("qcfuse.cache")
+
+# Layers the background loader moves per read: each read is a copy per chunk and tensor, then a join, so groups
+# cut the host work (and the launches that compete with compute's) 4x, and the first layer waits for 4. On an
+# H200 (Qwen3-8B shape, pinned host memory, 32K tokens) reuse's TTFT fell from 191 to 117 ms and its load wait
+# from 65 to 6 ms; QCFuse 0.15 from 474 to 450 ms (scripts/selection_breakdown.py, one process).
+GROUP_LAYERS = 4
 
 
 class ChunkSource:
@@ -52,6 +59,9 @@ class ChunkSource:
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._guarded(lambda r: r.layer(layer))
 
+    def layers(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._guarded(lambda r: r.layers(start, stop))
+
     def _guarded(self, read):
         """Readers are safe to share between threads, so reads take no lock (selection must not wait behind
         the loader's read of a later layer); only the switch to a recomputed copy is serialized."""
@@ -74,16 +84,17 @@ class ChunkSource:
 
 class LayerLoader:
     def __init__(self, sources: list, n_layers: int, device: torch.device | str = "cpu",
-                 background: bool = True):
+                 background: bool = True, eager: bool = True):
         self.sources, self.n_layers = sources, n_layers
         self.device = torch.device(device)
         self.io_wait_s = 0.0
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.stream = copy_stream(self.device) if self.device.type == "cuda" else None
         self._layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
         self._ready = [threading.Event() for _ in range(n_layers)]
         self._events: list = [None] * n_layers          # CUDA: copy finished
         self._error: BaseException | None = None
         self._background = background and n_layers > 0
+        self.eager = eager               # prefetch() starts streaming; False: the first layer() call does
         self._thread = None
         self._start_lock = threading.Lock()
 
@@ -94,6 +105,15 @@ class LayerLoader:
                 self._thread = threading.Thread(target=self._run, name="qcfuse-kv-loader", daemon=True)
                 self._thread.start()
 
+    def prefetch(self) -> None:
+        """Before selection: start streaming now if the loader is eager (a slow tier, whose long read pays to
+        overlap with selection). A lazy loader waits for the first full-layer read: its copies from memory have
+        slack, and its host work beside a selection that launches work slows the selection (QCFuse 0.15 on an
+        H200, Qwen3-8B shape, pinned host memory: TTFT 423 against 450 ms at 32K tokens, 224 against 231 at 16K;
+        scripts/selection_breakdown.py). A selector that reads full layers starts it with its first read."""
+        if self.eager:
+            self.start()
+
     def _read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer of every chunk, joined along the token axis: [Hkv, C, D] each."""
         pairs = [s.layer(layer) for s in self.sources]
@@ -103,29 +123,37 @@ class LayerLoader:
 
     def _run(self) -> None:
         try:
-            for layer in range(self.n_layers):
+            for start in range(0, self.n_layers, GROUP_LAYERS):
+                stop = min(self.n_layers, start + GROUP_LAYERS)
+                event = None
                 if self.stream is not None:
-                    k, v = self._copy_to_device(layer)
+                    k, v = self._copy_to_device(start, stop)
                     event = torch.cuda.Event()
                     event.record(self.stream)
-                    self._events[layer] = event
                 else:
-                    k, v = self._read(layer)
+                    k, v = self._read_group(start, stop)
                     if k.device != self.device:
                         k, v = k.to(self.device), v.to(self.device)
-                self._layers[layer] = (k, v)
-                self._ready[layer].set()
+                for i, layer in enumerate(range(start, stop)):
+                    self._events[layer] = event
+                    self._layers[layer] = (k[i], v[i])
+                    self._ready[layer].set()
         except BaseException as exc:       # surfaced to the consumer, never swallowed
             self._error = exc
             for event in self._ready:
                 event.set()
 
-    def _copy_to_device(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """CUDA, on the loader's stream: one layer of every chunk joined into [Hkv, C, D] K and V."""
-        pairs = [s.layer(layer) for s in self.sources]
+    def _read_group(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layers start..stop-1 of every chunk, joined along the token axis: [G, Hkv, C, D] each."""
+        pairs = [s.layers(start, stop) for s in self.sources]
+        return torch.cat([p[0] for p in pairs], dim=2), torch.cat([p[1] for p in pairs], dim=2)
+
+    def _copy_to_device(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """CUDA, on the loader's stream: layers start..stop-1 of every chunk joined into [G, Hkv, C, D]."""
+        pairs = [s.layers(start, stop) for s in self.sources]
         with torch.cuda.stream(self.stream):
-            k = torch.cat(to_device([p[0] for p in pairs], self.device), dim=1)
-            v = torch.cat(to_device([p[1] for p in pairs], self.device), dim=1)
+            k = torch.cat(to_device([p[0] for p in pairs], self.device), dim=2)
+            v = torch.cat(to_device([p[1] for p in pairs], self.device), dim=2)
         return k, v
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,6 +186,23 @@ class LayerLoader:
     @property
     def bytes_loaded(self) -> int:
         return sum(s.bytes_read for s in self.sources if hasattr(s, "bytes_read"))
+
+
+_COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+_COPY_STREAMS_LOCK = threading.Lock()
+
+
+def copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one stream that every request's loader copies on, per GPU. The caching allocator keeps freed blocks
+    per stream: with a fresh stream per request (torch's pool cycles through 32), the layers a request streams
+    (gigabytes at 32K tokens) found no cached blocks of their stream and went to cudaMalloc (~100 calls per
+    request at 32K on an H200), stalling the host that launches compute."""
+    if device.index is None:
+        device = torch.device(device.type, torch.cuda.current_device())
+    with _COPY_STREAMS_LOCK:
+        if device not in _COPY_STREAMS:
+            _COPY_STREAMS[device] = torch.cuda.Stream(device)
+        return _COPY_STREAMS[device]
 
 
 def to_device(pieces: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:

@@ -38,6 +38,12 @@ class EntryReader:
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def layers(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layers start..stop-1 stacked: [stop-start, Hkv, n, D] each (a tier that holds them together
+        hands back one piece, so a GPU loader moves them in one copy)."""
+        pairs = [self.layer(layer) for layer in range(start, stop)]
+        return torch.stack([k for k, _ in pairs]), torch.stack([v for _, v in pairs])
+
 
 class Tier:
     name = "?"
@@ -78,6 +84,11 @@ class MemoryReader(EntryReader):
 
     def layer(self, layer):
         k, v = self.entry.layer(layer)
+        self.bytes_read += k.numel() * k.element_size() * 2
+        return k, v
+
+    def layers(self, start, stop):
+        k, v = self.entry.k[start:stop], self.entry.v[start:stop]       # views of the stored (pinned) tensors
         self.bytes_read += k.numel() * k.element_size() * 2
         return k, v
 

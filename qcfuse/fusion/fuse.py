@@ -50,7 +50,7 @@ def fuse(model: Transformer, layout: PromptLayout, reused: ReusedKV | None, sele
         t0 = time.perf_counter()
         inputs = FusionInputs(model, layout, reused, attempt)
         selector.stage(inputs)              # the selector's small reads go first on the loader's stream,
-        reused.loader.start()               # then the full layers stream behind them while it selects
+        reused.loader.prefetch()            # then the full layers behind them (now from a slow tier, else lazily)
         doc_rows = _checked(selector.select(inputs), layout)
         synchronize(model.device)
         selection_s = time.perf_counter() - t0

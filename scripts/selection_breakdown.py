@@ -1,0 +1,228 @@
+"""Issue 20 on a GPU: where a query-aware selector's time goes, and what ratio auto's reuse check costs.
+
+Random weights in a shipped shape, chunk caches in pinned host memory (as `qcfuse bench --kv-source host`).
+Per context length, in one process:
+  1. TTFT and selection of each variant, in interleaved rounds (the order rotates each round; medians), so
+     that drift between methods is not read as a difference. Variants: reuse, ProphetKV / FuseRAG / QCFuse at
+     one ratio, QCFuse with the loader started before selection (does streaming slow selection?), and
+     QCFuse at 0.02 with and without the reuse shadow (ratio auto's first pass, with the check and without),
+     and reuse / ProphetKV / QCFuse with the loader reading one layer per copy instead of a group.
+  2. QCFuse's selection in phases, each closed by a sync of the compute stream (staging copies, the
+     question's pass and scoring, the top-k read), with the host's enqueue time of each beside it.
+  3. One QCFuse and one ProphetKV request under torch.profiler: tables by host time and by device time, and
+     a gzipped Chrome trace per request.
+
+    PYTHONPATH=. python3 scripts/selection_breakdown.py --tokens 4096,32768 --out $OUT
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from qcfuse.bench.run import _hf_prefill, _store, _warm_up, load_config, random_layout, random_model
+from qcfuse.cache import loader as loader_mod
+from qcfuse.cache.loader import LayerLoader
+from qcfuse.engine import FusionEngine
+from qcfuse.fusion import make_selector
+from qcfuse.fusion import qcfuse as qcfuse_mod
+from qcfuse.fusion import selector as selector_mod
+from qcfuse.fusion.fuse import synchronize
+from qcfuse.fusion.selector import ReusedKV, Selector
+
+
+def variants(ratio: float) -> dict:
+    """name -> (method, ratio, how): how is None, or one of patched()'s."""
+    return {"transformers full prefill": (None, None, None),
+            "reuse": ("reuse", 0.0, None),
+            "reuse, one layer per copy": ("reuse", 0.0, "one layer"),
+            f"prophetkv {ratio:g}": ("prophetkv", ratio, None),
+            f"prophetkv {ratio:g}, one layer per copy": ("prophetkv", ratio, "one layer"),
+            f"fuserag {ratio:g}": ("fuserag", ratio, None),
+            f"qcfuse {ratio:g}": ("qcfuse", ratio, None),
+            f"qcfuse {ratio:g}, one layer per copy": ("qcfuse", ratio, "one layer"),
+            f"qcfuse {ratio:g}, loader started before selection": ("qcfuse", ratio, "eager"),
+            "qcfuse 0.02": ("qcfuse", 0.02, None),
+            "qcfuse 0.02 + reuse shadow": ("qcfuse", 0.02, "shadow")}
+
+
+@contextlib.contextmanager
+def patched(how: str | None):
+    """'eager': the loader starts streaming before selection even from memory (as before it waited for the
+    first full-layer read there). 'shadow': every pass computes plain reuse's rows beside it (as ratio auto's
+    check does). 'one layer': the loader reads one layer per copy instead of GROUP_LAYERS."""
+    saved_prefetch, saved_checks, saved_group = LayerLoader.prefetch, Selector.checks_reuse, loader_mod.GROUP_LAYERS
+    if how == "eager":
+        LayerLoader.prefetch = LayerLoader.start
+    elif how == "shadow":
+        Selector.checks_reuse = lambda self, model: True
+    elif how == "one layer":
+        loader_mod.GROUP_LAYERS = 1
+    try:
+        yield
+    finally:
+        LayerLoader.prefetch, Selector.checks_reuse, loader_mod.GROUP_LAYERS = saved_prefetch, saved_checks, saved_group
+
+
+def timed_rounds(engine, layout, table: dict, rounds: int, hf) -> dict:
+    """TTFT, selection and load wait (ms) of every variant, rounds interleaved (medians, and every TTFT)."""
+    names = list(table)
+    device = engine.model.transformer.device
+    ids = layout.ids.to(device)
+    got = {name: {"ttft": [], "select": [], "wait": []} for name in names}
+    for r in range(rounds + 1):                          # round 0 warms every variant
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            method, ratio, how = table[name]
+            if method is None:                           # transformers' own forward
+                synchronize(device)
+                t0 = time.perf_counter()
+                _hf_prefill(hf, ids)
+                synchronize(device)
+                stats = {"ttft_s": time.perf_counter() - t0, "selection_s": 0.0, "io_wait_s": 0.0}
+            else:
+                with patched(how):
+                    _, stats = engine.prefill(layout, make_selector(method, ratio), 1)
+            if r:
+                got[name]["ttft"].append(1000 * stats["ttft_s"])
+                got[name]["select"].append(1000 * stats["selection_s"])
+                got[name]["wait"].append(1000 * stats["io_wait_s"])
+    return {name: {k: statistics.median(v) for k, v in d.items()} | {"ttft_all": d["ttft"]}
+            for name, d in got.items()}
+
+
+def phases(engine, layout, ratio: float, device, repeats: int) -> dict:
+    """QCFuse's selection in synced phases: (wall ms, host enqueue ms) per phase, medians."""
+    log: dict[str, list] = {}
+
+    def wrap(owner, attr, label, wait=None):
+        fn = getattr(owner, attr)
+
+        def inner(*args, **kwargs):
+            synchronize(device)
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            t1 = time.perf_counter()
+            synchronize(device)
+            if wait is not None:
+                wait(args)
+            log.setdefault(label, []).append((1000 * (time.perf_counter() - t0), 1000 * (t1 - t0)))
+            return out
+        setattr(owner, attr, inner)
+        return fn
+
+    def loader_stream(args):                     # stage_query's copies go on the loader's stream
+        stream = args[0].loader.stream
+        if stream is not None:
+            stream.synchronize()
+    saved = [(ReusedKV, "stage_query", wrap(ReusedKV, "stage_query", "stage query cache (copies)", loader_stream)),
+             (qcfuse_mod, "question_scores", wrap(qcfuse_mod, "question_scores", "question pass + scoring")),
+             (selector_mod, "top_positions", wrap(selector_mod, "top_positions", "top-k read"))]
+    try:
+        for _ in range(repeats + 1):
+            _, stats = engine.prefill(layout, make_selector("qcfuse", ratio), 1)
+            log.setdefault("selection (stats)", []).append((1000 * stats["selection_s"], 0.0))
+    finally:
+        for owner, attr, fn in saved:
+            setattr(owner, attr, fn)
+    return {label: [statistics.median(x[0] for x in v[1:]), statistics.median(x[1] for x in v[1:])]
+            for label, v in log.items()}
+
+
+def profiled(engine, layout, method: str, ratio: float, device, out_dir: Path, tag: str) -> dict:
+    from torch.profiler import ProfilerActivity, profile, record_function
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    saved = Selector.select
+
+    def select(self, inputs):
+        with record_function("## select"):
+            return saved(self, inputs)
+    Selector.select = select
+    try:
+        engine.prefill(layout, make_selector(method, ratio), 1)
+        synchronize(device)
+        with profile(activities=activities) as prof:
+            engine.prefill(layout, make_selector(method, ratio), 1)
+            synchronize(device)
+    finally:
+        Selector.select = saved
+    trace = out_dir / f"trace_{tag}.json"
+    prof.export_chrome_trace(str(trace))
+    with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    trace.unlink()
+    averages = prof.key_averages()
+    tables = {"by host time": averages.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=50)}
+    if device.type == "cuda":
+        tables["by device time"] = averages.table(sort_by="self_device_time_total", row_limit=20,
+                                                  max_name_column_width=50)
+    return tables
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="qwen3-8b")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--tokens", default="4096,32768")
+    p.add_argument("--ratio", type=float, default=0.15)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--critical_layers", default="4,6,8,12,17,22,26,31",
+                   help="QCFuse's layers (default: SmolLM2's eight at the same depth fractions of Qwen3-8B)")
+    p.add_argument("--chunk_tokens", type=int, default=512)
+    p.add_argument("--profile_tokens", default="4096,32768",
+                   help="lengths at which to profile (tables and gzipped traces); '' for none")
+    p.add_argument("--out", default="selection-out")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name, config = load_config(args.config)
+    loaded = random_model(name, config, str(device), dtype)
+    loaded.transformer.critical_layers = [int(x) for x in args.critical_layers.split(",")]
+    kv = "host"
+    cfg = argparse.Namespace(kv_source=kv, device=str(device), cache_dir=None)
+    record = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "config": name, "dtype": str(dtype), "critical_layers": loaded.transformer.critical_layers,
+              "ratio": args.ratio, "rounds": args.rounds, "results": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        _warm_up(loaded, _store(cfg, tmp), loaded.hf.config.vocab_size, 1000)
+        for n in [int(x) for x in args.tokens.split(",")]:
+            layout = random_layout(n, loaded.hf.config.vocab_size, args.chunk_tokens, n)
+            engine = FusionEngine(loaded, store=_store(cfg, tmp))
+            engine.prepare_layout(layout, progress=False)
+            t0 = time.perf_counter()
+            res = {"tokens": n, "rounds": timed_rounds(engine, layout, variants(args.ratio), args.rounds, loaded.hf)}
+            res["phases"] = phases(engine, layout, args.ratio, device, 5)
+            if str(n) in args.profile_tokens.split(","):
+                res["profiles"] = {m: profiled(engine, layout, m, args.ratio, device, out_dir, f"{m}_{n}")
+                                   for m in ("qcfuse", "prophetkv")}
+            res["seconds"] = time.perf_counter() - t0
+            record["results"].append(res)
+            print(f"\n{n} tokens, {record['device']}, critical layers {record['critical_layers']}: "
+                  f"median of {args.rounds} interleaved rounds")
+            print(f"  {'variant':48s} {'TTFT':>8s} {'select':>8s} {'wait':>7s}   all TTFTs")
+            for vname, d in res["rounds"].items():
+                print(f"  {vname:48s} {d['ttft']:8.1f} {d['select']:8.1f} {d['wait']:7.1f}   "
+                      + " ".join(f"{t:.0f}" for t in d["ttft_all"]))
+            print("  QCFuse selection in synced phases (wall ms, host enqueue ms):")
+            for label, (wall, host) in res["phases"].items():
+                print(f"    {label:32s} {wall:8.1f} {host:8.1f}")
+            (out_dir / "selection_breakdown.json").write_text(json.dumps(record, indent=1))
+            for m, tables in res.get("profiles", {}).items():
+                with open(out_dir / "profiles.txt", "a") as f:
+                    for label, table in tables.items():
+                        f.write(f"\n## {m} {args.ratio:g} at {n} tokens, {label}\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
