@@ -1,6 +1,6 @@
 """`qcfuse bench`: time to first token (TTFT) of transformers full prefill, qcfuse full prefill and fused
-prefill per method and ratio, measured side by side in one run, with the reused KV streamed layer by layer
-from GPU memory, pinned host memory, or disk.
+prefill per method and ratio, measured side by side in one run (the fused runs in interleaved rounds), with
+the reused KV streamed layer by layer from GPU memory, pinned host memory, or disk.
 
 Speed does not depend on weight values, so the shipped configs (real 8B shapes) get random weights; `--model`
 benchmarks a real model instead. Prompts are random token ids laid out like a RAG prompt: a short system
@@ -258,16 +258,11 @@ def run_bench(cfg: BenchConfig, log=print, progress: bool = True) -> dict:
                 res["check"] = precision_check(engine, layout)
 
             runs = [(m, r) for m in cfg.methods for r in ([None] if m == "reuse" else cfg.ratios)]
-            bar = tqdm(runs, desc=f"{n_tokens} tokens", unit="run", disable=not progress, leave=False)
-            for method, ratio in bar:
-                stats = []
-
-                def once():
-                    _, s = engine.prefill(layout, make_selector(method, ratio or 0.0), 1)
-                    stats.append(s)
-                    return s
-                _measure(once, device, cfg.repeats, cfg.warmup)
-                timed = stats[cfg.warmup:]
+            timed_by_run = _interleaved(engine, layout, runs, cfg, device,
+                                        tqdm(total=len(runs) * (cfg.warmup + cfg.repeats), desc=f"{n_tokens} tokens",
+                                             unit="run", disable=not progress, leave=False))
+            for method, ratio in runs:
+                timed = timed_by_run[(method, ratio)]
                 ttft = statistics.median([s["ttft_s"] for s in timed])
                 sel = statistics.median([s["selection_s"] for s in timed])
                 wait = statistics.median([s["io_wait_s"] for s in timed])
@@ -301,6 +296,30 @@ def run_bench(cfg: BenchConfig, log=print, progress: bool = True) -> dict:
             log(format_result(res, record))
             engine.store.clear()
     return record
+
+
+def _interleaved(engine, layout, runs: list, cfg: BenchConfig, device, bar) -> dict:
+    """Every fused run's stats over cfg.repeats rounds. Each round times every run once, in an order that rotates
+    round by round, so that drift (clocks, caches, a busy neighbour) spreads over all runs instead of landing
+    on whichever ran last. Each run's warm-up calls come first."""
+    from ..fusion import make_selector
+
+    def once(method, ratio):
+        synchronize(device)
+        _, stats = engine.prefill(layout, make_selector(method, ratio or 0.0), 1)
+        synchronize(device)
+        bar.update()
+        return stats
+    for method, ratio in runs:
+        for _ in range(cfg.warmup):
+            once(method, ratio)
+    timed = {run: [] for run in runs}
+    for round_ in range(cfg.repeats):
+        shift = round_ % len(runs)
+        for run in runs[shift:] + runs[:shift]:
+            timed[run].append(once(*run))
+    bar.close()
+    return timed
 
 
 def _warm_up(loaded, store, vocab: int, n_tokens: int) -> None:

@@ -16,6 +16,7 @@ import torch
 
 from ..cache.kv import KVBuffer
 from ..errors import QcfuseError
+from ..model.attention import RowGroups
 from ..model.transformer import Transformer
 from ..prompt import PromptLayout
 from ..transfer import upload
@@ -40,7 +41,7 @@ def fuse(model: Transformer, layout: PromptLayout, reused: ReusedKV | None, sele
     with_reuse: also plain reuse's first-token logits (ratio auto's reuse check), from a shadow of the suffix
     rows that steps through each layer after the reused K/V are placed and before the fused rows overwrite
     the selected ones (and the shadow's own suffix K/V): what a reuse pass computes, without reading the
-    layers twice."""
+    layers twice. The shadow's projections and MLP are batched with the fused rows' (RowGroups)."""
     n, ctx = layout.n_tokens, layout.context_len
     ids = upload(layout.ids, model.device)
     docs = layout.doc_positions()
@@ -63,18 +64,18 @@ def fuse(model: Transformer, layout: PromptLayout, reused: ReusedKV | None, sele
 
     rows = torch.cat([doc_rows, always]).sort().values                     # on the host: plans need no sync
     attention = model.plan(rows, n)
-    h = model.embed(ids[attention.rows])                                   # [n_rows, E]
-    shadow = None
+    stepped, n_shadow = attention, 0
     if with_reuse and selector.uses_cache and not context_only:
-        shadow = model.plan(layout.suffix_positions(), n)                   # plain reuse's rows
-        h_reuse = model.embed(ids[shadow.rows])                            # [n_suffix, E]
+        if selector.refine_layers:
+            raise RuntimeError(f"{selector.name}: the reuse check does not combine with refine layers")
+        shadow = model.plan(layout.suffix_positions(), n)                   # plain reuse's rows, stepped first
+        stepped, n_shadow = RowGroups([shadow, attention]), shadow.n_rows
+    h = model.embed(ids[stepped.rows])                                     # [n_shadow + n_rows, E]
     for layer in range(model.n_layers):
         if selector.uses_cache:
             k_old, v_old = reused.layer(layer)                             # [Hkv, ctx, D] pre-RoPE
             model.place_reused(buffer, layer, k_old, v_old)
-        if shadow is not None:
-            h_reuse, _, _ = model.layer_step(layer, h_reuse, shadow, buffer)
-        h, k_new, v_new = model.layer_step(layer, h, attention, buffer)
+        h, k_new, v_new = model.layer_step(layer, h, stepped, buffer)
 
         if selector.uses_cache and layer in selector.refine_layers:
             synchronize(model.device)                                      # time the refinement alone
@@ -87,13 +88,13 @@ def fuse(model: Transformer, layout: PromptLayout, reused: ReusedKV | None, sele
                 raise RuntimeError(f"{selector.name}.refine may only narrow the active rows")
             keep_mask = torch.isin(rows, keep) | (rows >= ctx)
             rows, h = rows[keep_mask], h[keep_mask.to(h.device)]
-            attention = model.plan(rows, n)
+            attention = stepped = model.plan(rows, n)
             synchronize(model.device)
             selection_s += time.perf_counter() - t0
 
     recomputed = rows[(rows >= len(layout.prefix)) & (rows < ctx)]
     logits = None if context_only else model.logits(h[-1:])[0]
-    reuse_logits = None if shadow is None else model.logits(h_reuse[-1:])[0]
+    reuse_logits = model.logits(h[n_shadow - 1:n_shadow])[0] if n_shadow else None
     return FuseResult(buffer, logits, recomputed.cpu(), selection_s, reuse_logits)
 
 

@@ -14,6 +14,8 @@ kernel ran:
                                                                 from one additive mask built per request
   dense      arbitrary key positions (the small query probes)   one additive mask
 
+`RowGroups` steps several plans' rows through one layer at once, each group attending in turn.
+
 `QCFUSE_ATTENTION=flex|blocked` (or `Transformer.scattered_kernel`) overrides the choice for scattered rows.
 """
 from __future__ import annotations
@@ -88,6 +90,10 @@ class RowAttention:
         self.kernel = kernel or default_kernel(self.device)
         self._by_window: dict[int | None, object] = {}
 
+    @property
+    def groups(self) -> tuple[RowAttention, ...]:
+        return (self,)
+
     def window_matters(self, window: int | None) -> bool:
         """False when no row is far enough from the first key for the window to hide anything."""
         return window is not None and self.n_rows > 0 and int(self.rel[-1]) >= window
@@ -126,6 +132,18 @@ class RowAttention:
     def kernels(self) -> dict:
         """Which kernel each window used (for the benchmark's record)."""
         return {str(w): type(k).__name__.strip("_").lower() for w, k in self._by_window.items()}
+
+
+class RowGroups:
+    """Groups of rows that go through a layer together but attend in order (Transformer.layer_step): each group
+    writes its fresh K/V, then attends over the keys as the groups before it left them, never seeing a later
+    group's writes. Projections and MLP run once over all rows, in group order. Ratio auto's reuse check steps
+    plain reuse's suffix rows this way, first, beside a fused pass's rows (fusion/fuse.py)."""
+
+    def __init__(self, groups: list[RowAttention]):
+        self.groups = tuple(groups)
+        self.rows = torch.cat([g.rows for g in groups])          # [n] device, group after group
+        self.n_rows = sum(g.n_rows for g in groups)
 
 
 class DenseAttention:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import RowAttention
+from .attention import RowAttention, RowGroups
 from .families import FamilySpec, describe
 
 
@@ -56,9 +56,12 @@ class Transformer:
     def attend(self, layer: int, h, q, keys, values, attention) -> torch.Tensor:
         """Rows' attention over keys/values [Hkv, N, D] (keys after RoPE), then the MLP: returns new h [n, E].
         `attention` (a plan from model/attention.py) knows the rows and picks the kernel."""
-        block = self.blocks[layer]
         spec = self.spec.layers[layer]
-        o = attention(spec.window, q, keys, values, spec.scaling)           # [H, n, D]
+        return self.finish(layer, h, attention(spec.window, q, keys, values, spec.scaling))
+
+    def finish(self, layer: int, h, o) -> torch.Tensor:
+        """The rows' attention output o [H, n, D] through o_proj into the residual, then the MLP: new h [n, E]."""
+        block = self.blocks[layer]
         o = block.self_attn.o_proj(o.transpose(0, 1).flatten(1))
         if self.spec.sandwich_norm:
             h = h + block.post_attention_layernorm(o)
@@ -75,14 +78,22 @@ class Transformer:
         cap = self.spec.final_softcap
         return torch.tanh(out / cap) * cap if cap else out
 
-    def layer_step(self, layer: int, h, attention: RowAttention, buffer):
+    def layer_step(self, layer: int, h, attention: RowAttention | RowGroups, buffer):
         """Compute the planned rows through one layer against buffer[:n_keys], writing their fresh K/V into it
-        first. Returns the rows' new hidden [n, E] and their fresh pre-RoPE key and value [Hkv, n, D]."""
-        rows, n_keys = attention.rows, attention.n_keys
-        q, k, v = self.project_qkv(layer, h, rows)
-        buffer.write(layer, rows, self.rope(layer, k, rows), v, attention.span)
-        h = self.attend(layer, h, q, buffer.k[layer, :, :n_keys], buffer.v[layer, :, :n_keys], attention)
-        return h, k, v
+        first. Returns the rows' new hidden [n, E] and their fresh pre-RoPE key and value [Hkv, n, D].
+        A RowGroups plan steps its groups in order (each writes, then attends), with one projection and MLP."""
+        spec = self.spec.layers[layer]
+        q, k, v = self.project_qkv(layer, h, attention.rows)
+        outs, start = [], 0
+        for plan in attention.groups:                      # one group, unless rows attend in turns
+            part = slice(start, start + plan.n_rows)
+            start = part.stop
+            q_p, k_p, v_p = (q, k, v) if plan is attention else (q[:, part], k[:, part], v[:, part])
+            buffer.write(layer, plan.rows, self.rope(layer, k_p, plan.rows), v_p, plan.span)
+            keys, values = buffer.k[layer, :, :plan.n_keys], buffer.v[layer, :, :plan.n_keys]
+            outs.append(plan(spec.window, q_p, keys, values, spec.scaling))           # [H, n_p, D]
+        o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return self.finish(layer, h, o), k, v
 
     def place_reused(self, buffer, layer: int, k_pre: torch.Tensor, v: torch.Tensor, start: int = 0) -> None:
         """Write reused pre-RoPE keys [Hkv, n, D] and values of positions start..start+n-1 into the buffer,
