@@ -56,9 +56,10 @@ def variants(ratio: float) -> dict:
 
 @contextlib.contextmanager
 def patched(how: str | None):
-    """'eager': the loader starts streaming before selection even from memory (as before it waited for the
-    first full-layer read there). 'shadow': every pass computes plain reuse's rows beside it (as ratio auto's
-    check does). 'one layer': the loader reads one layer per copy instead of GROUP_LAYERS."""
+    """'eager': the loader starts streaming before selection even from memory, as it did before the shipped
+    default (from memory, start at the first full-layer read). 'shadow': every pass computes plain reuse's rows
+    beside it, as ratio auto's check does. 'one layer': the loader reads one layer per copy instead of
+    GROUP_LAYERS."""
     saved_prefetch, saved_checks, saved_group = LayerLoader.prefetch, Selector.checks_reuse, loader_mod.GROUP_LAYERS
     if how == "eager":
         LayerLoader.prefetch = LayerLoader.start

@@ -34,6 +34,8 @@ VARIANTS = {
     "qcfuse 8 layers last row": ("qcfuse", {"critical_layers": [3, 5, 7, 10, 14, 18, 22, 26], "query_rows": "last"}),
     "qcfuse 8 layers head_norm": ("qcfuse", {"critical_layers": [3, 5, 7, 10, 14, 18, 22, 26], "head_norm": True}),
     "qcfuse 10 layers 2..28": ("qcfuse", {"critical_layers": [2, 3, 5, 7, 10, 14, 18, 22, 26, 28]}),
+    "qcfuse 8 layers suffix+last": ("qcfuse", {"critical_layers": [3, 5, 7, 10, 14, 18, 22, 26],
+                                              "query_rows": "suffix+last"}),
 }
 RATIOS = [0.1, 0.15, 0.3]
 SETS = "musique_s[90:100],ruler_mv[0:5],ruler_mq[0:5]"

@@ -120,7 +120,7 @@ def test_qcfuse_scoring_options_change_the_scores_not_the_budget(smollm2, needle
     budget = round(0.15 * layout.n_doc_tokens)
     scores = {}
     for name, options in {"plain": {}, "head_norm": {"head_norm": True}, "last": {"query_rows": "last"},
-                          "question": {"query_rows": "question"}}.items():
+                          "question": {"query_rows": "question"}, "both": {"query_rows": "suffix+last"}}.items():
         reused = ReusedKV(pieces, prefix_len=len(layout.prefix))
         selector = make_selector("qcfuse", 0.15, **options)
         inputs = FusionInputs(smollm2.transformer, layout, reused)
@@ -131,6 +131,7 @@ def test_qcfuse_scoring_options_change_the_scores_not_the_budget(smollm2, needle
         assert reused.layers_read == []
     for name in ("head_norm", "last", "question"):
         assert not torch.allclose(scores[name], scores["plain"]), name
+    assert torch.allclose(scores["both"], (scores["plain"] + scores["last"]) / 2, atol=1e-6)
 
 
 def test_qcfuse_narrow_keeps_the_budget_among_its_own_candidates(smollm2, smollm2_engine, needle):

@@ -49,7 +49,7 @@ def top_positions(scores: torch.Tensor, positions: torch.Tensor, k: int) -> torc
     return positions[scores.float().topk(k).indices.cpu()].sort().values
 
 
-QUERY_ROWS = ("suffix", "question", "last")     # which suffix rows' attention scores the documents
+QUERY_ROWS = ("suffix", "question", "last", "suffix+last")   # which suffix rows' attention scores the documents
 
 
 def question_scores(model: Transformer, layout, context: Context, layers: list[int],
@@ -63,7 +63,7 @@ def question_scores(model: Transformer, layout, context: Context, layers: list[i
     head_norm: each head's (and query row's) attention on the documents is normalized to sum 1 before the
     reduction, so heads that park most of their mass on the prefix weigh as much as document-reading ones.
     query_rows: the whole suffix, only the question's tokens, or only the last row (the one whose output
-    becomes the first answer token).
+    becomes the first answer token); "suffix+last" averages the whole suffix's and the last row's scores.
     Returns scores [n_doc_tokens] in document-position order, on the compute device (nothing here waits for
     the GPU: the caller's top-k reads the result once).
     """
@@ -71,8 +71,9 @@ def question_scores(model: Transformer, layout, context: Context, layers: list[i
     ctx_pos = torch.arange(ctx, device=model.device)
     q_pos = upload(layout.suffix_positions(), model.device)
     wanted = set(layers)
-    rows = {"suffix": slice(None), "question": slice(*layout.question),
-            "last": slice(len(layout.suffix) - 1, None)}[query_rows]
+    last = slice(len(layout.suffix) - 1, None)
+    rows = {"suffix": slice(None), "question": slice(*layout.question), "last": last,
+            "suffix+last": slice(None)}[query_rows]
     if query_rows == "question" and layout.question[1] <= layout.question[0]:
         rows = slice(None)
     total = torch.zeros(layout.n_doc_tokens, device=model.device)
@@ -84,7 +85,11 @@ def question_scores(model: Transformer, layout, context: Context, layers: list[i
             if head_norm:
                 probs = probs / probs.sum(dim=-1, keepdim=True).clamp_min(1e-30)
             s = probs.amax(dim=(0, 1)) if reduction == "max" else probs.mean(dim=(0, 1))
-            total.add_(s / s.sum().clamp_min(1e-30))
+            s = s / s.sum().clamp_min(1e-30)
+            if query_rows == "suffix+last":
+                s_last = probs[:, last].amax(dim=(0, 1)) if reduction == "max" else probs[:, last].mean(dim=(0, 1))
+                s = (s + s_last / s_last.sum().clamp_min(1e-30)) / 2
+            total.add_(s)
 
     run_probe(model, torch.tensor(layout.suffix), q_pos, context, max(layers) + 1, on_layer)
     return total / len(wanted)
