@@ -37,3 +37,17 @@ def test_gemma3_fused_answers(gemma3):
     full = engine.generate(docs, "Who built the Varna lighthouse?", method="fullcomp", max_new_tokens=8)
     fused = engine.generate(docs, "Who built the Varna lighthouse?", method="qcfuse", ratio=1.0, max_new_tokens=8)
     assert fused.token_ids == full.token_ids and full.answer
+
+
+def test_stacked_rope_uses_each_layers_table(gemma3):
+    """Anchors of every layer rotated at once (QCFuse's question pass) equal each layer rotated alone, with
+    Gemma3's two RoPE tables (sliding-window and global layers)."""
+    import torch
+    t = gemma3.transformer
+    assert len({id(layer.rope) for layer in t.spec.layers}) == 2
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(t.n_layers, t.n_kv_heads, 7, t.head_dim, generator=g)
+    pos = torch.stack([torch.randperm(900, generator=g)[:7] for _ in range(t.n_layers)])
+    stacked = t.rope_stacked(x, pos)
+    for layer in range(t.n_layers):
+        assert torch.equal(stacked[layer], t.rope(layer, x[layer], pos[layer])), layer

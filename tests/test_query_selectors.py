@@ -66,6 +66,35 @@ def test_qcfuse_selects_before_reading_the_whole_cache(smollm2, needle):
     assert read / total < 0.30
 
 
+@pytest.mark.parametrize("options", [{}, {"query_rows": "suffix+last", "head_norm": True}])
+def test_qcfuse_question_pass_rotates_at_once_and_masks_once(smollm2, needle, options):
+    """QCFuse rotates every layer's anchors at once: its scores are bit for bit those of rotating layer by
+    layer. Its question pass builds one mask for every window-free layer, which is the mask each layer's own
+    anchor positions give (they all precede the question)."""
+    from qcfuse.fusion import probe
+    from qcfuse.model.attention import additive_mask
+    layout, pieces, _ = needle
+    model = smollm2.transformer
+    selector = make_selector("qcfuse", 0.15, **options)
+    plans = []
+    saved = probe.DenseAttention
+    probe.DenseAttention = lambda *a: plans.append(saved(*a)) or plans[-1]
+    try:
+        fast = selector.scores(FusionInputs(model, layout, ReusedKV(pieces, prefix_len=len(layout.prefix))))
+    finally:
+        probe.DenseAttention = saved
+    assert len(plans) == 1
+    reused = ReusedKV(pieces, prefix_len=len(layout.prefix))
+    slow = probe.question_scores(model, layout, lambda layer: reused.anchors(layer, selector.anchor_ratio),
+                                 selector.layers_for(model), reused.keys, selector.reduction,
+                                 selector.head_norm, selector.query_rows)
+    assert torch.equal(fast, slow)
+    q_pos = layout.suffix_positions()
+    masks = [additive_mask(q_pos, torch.cat([reused.anchors(layer, 0.1)[0], q_pos]), None, torch.float32)
+             for layer in range(max(selector.layers_for(model)) + 1)]
+    assert all(torch.equal(m, masks[0]) for m in masks)
+
+
 def test_qcfuse_anchors_start_with_sinks(smollm2, needle):
     _, pieces, _ = needle
     rank = pieces[1].extras["anchor_rank"]

@@ -20,17 +20,28 @@ OnLayer = Callable[[int, torch.Tensor], None]                                 # 
 
 @torch.inference_mode()
 def run_probe(model: Transformer, ids: torch.Tensor, positions: torch.Tensor, context: Context,
-              n_layers: int, on_layer: OnLayer) -> None:
+              n_layers: int, on_layer: OnLayer, rotated: bool = False) -> None:
     """Compute rows `ids` at `positions` through layers 0..n_layers-1, each attending over context(l) and
-    causally over themselves; call on_layer(l, q) with the rows' queries at every layer."""
+    causally over themselves; call on_layer(l, q) with the rows' queries at every layer. The context lies
+    before the rows (as in every use: documents before the question, a chunk before its probe), so on a layer
+    without a window every context key is visible to every row, wherever it sits: one mask serves every such
+    layer whose context has the same length. rotated: the context's keys come after RoPE already."""
     h = model.embed(upload(ids, model.device))
+    masks: dict[int, DenseAttention] = {}                  # context length -> plan, for window-free layers
     for layer in range(n_layers):
         ctx_pos, ctx_k, ctx_v = context(layer)
         q, k, v = model.project_qkv(layer, h, positions)
         on_layer(layer, q)
-        keys = torch.cat([model.rope(layer, ctx_k, ctx_pos), model.rope(layer, k, positions)], dim=1)
+        ctx_keys = ctx_k if rotated else model.rope(layer, ctx_k, ctx_pos)
+        keys = torch.cat([ctx_keys, model.rope(layer, k, positions)], dim=1)
         values = torch.cat([ctx_v, v], dim=1)
-        h = model.attend(layer, h, q, keys, values, DenseAttention(positions, torch.cat([ctx_pos, positions])))
+        if model.spec.layers[layer].window is None and ctx_pos.shape[0] in masks:
+            plan = masks[ctx_pos.shape[0]]
+        else:
+            plan = DenseAttention(positions, torch.cat([ctx_pos, positions]))
+            if model.spec.layers[layer].window is None:
+                masks[ctx_pos.shape[0]] = plan
+        h = model.attend(layer, h, q, keys, values, plan)
 
 
 def attention_probs(model: Transformer, layer: int, q: torch.Tensor, q_pos: torch.Tensor,
@@ -54,10 +65,11 @@ QUERY_ROWS = ("suffix", "question", "last", "suffix+last")   # which suffix rows
 
 def question_scores(model: Transformer, layout, context: Context, layers: list[int],
                     keys: Callable[[int], torch.Tensor], reduction: str = "mean", head_norm: bool = False,
-                    query_rows: str = "suffix") -> torch.Tensor:
+                    query_rows: str = "suffix", rotated: bool = False) -> torch.Tensor:
     """Score every document token by the attention the suffix (question + answer cue) pays it.
 
-    The suffix runs through layers 0..max(layers) over context(l); at each layer in `layers` its queries
+    The suffix runs through layers 0..max(layers) over context(l) (its keys after RoPE when `rotated`); at
+    each layer in `layers` its queries
     attend over keys(l) (pre-RoPE keys of the whole context), the probabilities on document tokens are
     reduced over heads and query tokens (mean or max), normalized to sum 1, and averaged over `layers`.
     head_norm: each head's (and query row's) attention on the documents is normalized to sum 1 before the
@@ -91,5 +103,5 @@ def question_scores(model: Transformer, layout, context: Context, layers: list[i
                 s = (s + s_last / s_last.sum().clamp_min(1e-30)) / 2
             total.add_(s)
 
-    run_probe(model, torch.tensor(layout.suffix), q_pos, context, max(layers) + 1, on_layer)
+    run_probe(model, torch.tensor(layout.suffix), q_pos, context, max(layers) + 1, on_layer, rotated)
     return total / len(wanted)

@@ -85,9 +85,11 @@ class QCFuse(Selector):
     def scores(self, inputs):
         model, layout, reused = inputs.model, inputs.layout, inputs.reused
         self.stage(inputs)                                  # no-op when the fuse loop staged it already
-        scores = question_scores(model, layout, lambda layer: reused.anchors(layer, self.anchor_ratio),
-                                 self.layers_for(model), reused.keys, self.reduction, self.head_norm,
-                                 self.query_rows)
+        layers = self.layers_for(model)
+        pos, k, v = reused.anchors_upto(max(layers) + 1, self.anchor_ratio)
+        k = model.rope_stacked(k, pos)            # every layer's anchors rotated at once, not one layer at a time
+        scores = question_scores(model, layout, lambda layer: (pos[layer], k[layer], v[layer]), layers,
+                                 reused.keys, self.reduction, self.head_norm, self.query_rows, rotated=True)
         if self.smooth or self.chunk_heads:
             scores = scores.clone()
             doc0 = len(layout.prefix)

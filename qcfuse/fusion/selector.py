@@ -145,14 +145,23 @@ class ReusedKV:
         """A compressed view at `layer`: every prefix token plus, per chunk, its first ceil(ratio*n) tokens in
         the chunk's stored anchor ranking. Returns (positions [m], pre-RoPE k [Hkv, m, D], v), in no particular
         order (attention does not care; the positions say where each key sits)."""
+        staged = self._staged_anchors(layer + 1, ratio, name)
+        self.reads.append(("anchors", layer))
+        return staged.pos[layer], staged.k[layer], staged.v[layer]
+
+    def anchors_upto(self, n_layers: int, ratio: float, name: str = "anchor_rank"):
+        """The compressed views of layers 0..n_layers-1 at once: (positions [A, m], k [A, Hkv, m, D], v)."""
+        staged = self._staged_anchors(n_layers, ratio, name)
+        self.reads += [("anchors", layer) for layer in range(n_layers)]
+        return staged.pos[:n_layers], staged.k[:n_layers], staged.v[:n_layers]
+
+    def _staged_anchors(self, n_layers: int, ratio: float, name: str) -> _Staged:
         staged = self._anchors
-        if staged is None or (staged.key[1], staged.key[3]) != (ratio, name) or layer >= staged.key[0]:
+        if staged is None or (staged.key[1], staged.key[3]) != (ratio, name) or n_layers > staged.key[0]:
             critical = list(staged.key[2]) if staged is not None else []
             self.stage_query(self.n_layers, ratio, critical, name)      # read directly: stage every layer
             staged = self._anchors
-        self.reads.append(("anchors", layer))
-        staged = staged.ready()
-        return staged.pos[layer], staged.k[layer], staged.v[layer]
+        return staged.ready()
 
 
 class _Staged:

@@ -72,6 +72,13 @@ class Rope:
         cos, sin_folded = self.angles(positions, x.dtype, x.device)
         return rotate(x, cos, sin_folded, out)
 
+    def apply_stacked(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate x: [A, heads, n, head_dim], slice a as if it sat at positions[a] ([A, n]): several layers'
+        keys at their own positions in one rotation, the angles gathered once for all of them."""
+        cos, sin_folded = self.angles(positions.flatten(), x.dtype, x.device)
+        shape = (positions.shape[0], 1, positions.shape[1], cos.shape[-1])
+        return rotate(x, cos.view(shape), sin_folded.view(shape))
+
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin_folded: torch.Tensor, out: torch.Tensor | None = None):
     """x * cos + rotate_half(x) * sin, as x * cos + roll(x) * sin_folded: rotate_half(x) is x rolled by half

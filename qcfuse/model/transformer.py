@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..transfer import upload
 from .attention import RowAttention, RowGroups
 from .families import FamilySpec, describe
 
@@ -38,6 +39,20 @@ class Transformer:
 
     def rope(self, layer: int, x: torch.Tensor, positions: torch.Tensor, out: torch.Tensor | None = None):
         return self.spec.layers[layer].rope.apply(x, positions, out)         # [h, n, D]
+
+    def rope_stacked(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Keys of layers 0..A-1 ([A, Hkv, n, D], pre-RoPE) each rotated to its own positions [A, n] by its
+        layer's table; layers that share a table (all of them, unless the family alternates) in one go."""
+        by_table: dict[int, list[int]] = {}
+        for layer in range(x.shape[0]):
+            by_table.setdefault(id(self.spec.layers[layer].rope), []).append(layer)
+        if len(by_table) == 1:
+            return self.spec.layers[0].rope.apply_stacked(x, positions)
+        out = torch.empty_like(x)
+        for layers in by_table.values():
+            idx = upload(torch.tensor(layers), x.device)
+            out[idx] = self.spec.layers[layers[0]].rope.apply_stacked(x[idx], positions[idx])
+        return out
 
     def project_qkv(self, layer: int, h: torch.Tensor, positions: torch.Tensor):
         """Query (after RoPE), key (before RoPE, after any k-norm) and value for rows h: [n, E]."""
