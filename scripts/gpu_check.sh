@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One prepared device run (a lent H100/H200): environment, attention kernels alone, `qcfuse bench` with the
-# given arguments (record kept), then any EXTRA benches (one per ';'-separated argument list, tables only).
+# given arguments (record kept), QCFuse's selection breakdown beside ProphetKV/FuseRAG and the reuse check's cost
+# (scripts/selection_breakdown.py, shipped eight critical layers; BREAKDOWN_TOKENS=skip leaves it out), then any
+# EXTRA benches (one per ';'-separated argument list, tables only).
 # Every stage has its own timeout and its own log under $OUT (default ./gpu-out), so a stage that fails or runs
 # long leaves the others' results. Usage: EXTRA="--kv-source gpu --tokens 4096" bash scripts/gpu_check.sh ARGS...
 set -u
@@ -21,6 +23,12 @@ fi
 echo "== qcfuse bench $*"
 timeout "${BENCH_TIMEOUT:-330}" python3 -m qcfuse bench --device cuda --config qwen3-8b --out "$OUT/bench" "$@" 2>&1 \
   | untqdm | tee "$OUT/bench.log"
+if [ "${BREAKDOWN_TOKENS:-}" != skip ]; then
+  echo "== selection breakdown (interleaved rounds, one process)"
+  timeout "${BREAKDOWN_TIMEOUT:-200}" python3 scripts/selection_breakdown.py --tokens "${BREAKDOWN_TOKENS:-4096,16384,32768}" \
+    --rounds 5 --profile_tokens '' --out "$OUT/breakdown" 2>&1 | grep --line-buffered -v -E 'USDT|_warn_once|acc_events' \
+    | tee "$OUT/breakdown.log"
+fi
 IFS=';' read -ra extras <<< "${EXTRA:-}"
 for args in "${extras[@]}"; do
   echo "== qcfuse bench $args" | tee -a "$OUT/extra.log"
