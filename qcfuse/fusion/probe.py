@@ -69,9 +69,9 @@ def question_scores(model: Transformer, layout, context: Context, layers: list[i
     """Score every document token by the attention the suffix (question + answer cue) pays it.
 
     The suffix runs through layers 0..max(layers) over context(l) (its keys after RoPE when `rotated`); at
-    each layer in `layers` its queries
-    attend over keys(l) (pre-RoPE keys of the whole context), the probabilities on document tokens are
-    reduced over heads and query tokens (mean or max), normalized to sum 1, and averaged over `layers`.
+    each layer in `layers` its queries attend over keys(l) (pre-RoPE keys of the whole context), the
+    probabilities on document tokens are reduced over heads and query tokens (mean or max), normalized to sum
+    1, and averaged over `layers`.
     head_norm: each head's (and query row's) attention on the documents is normalized to sum 1 before the
     reduction, so heads that park most of their mass on the prefix weigh as much as document-reading ones.
     query_rows: the whole suffix, only the question's tokens, or only the last row (the one whose output
