@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gzip
 import json
 import shutil
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from qcfuse.bench.run import _hf_prefill, _store, _warm_up, load_config, random_layout, random_model
+from qcfuse.bench.run import _hf_prefill, _store, _warm_up, interleaved, load_config, random_layout, random_model
 from qcfuse.cache import loader as loader_mod
 from qcfuse.cache.loader import LayerLoader
 from qcfuse.engine import FusionEngine
@@ -75,29 +76,25 @@ def patched(how: str | None):
 
 def timed_rounds(engine, layout, table: dict, rounds: int, hf) -> dict:
     """TTFT, selection and load wait (ms) of every variant, rounds interleaved (medians, and every TTFT)."""
-    names = list(table)
     device = engine.model.transformer.device
     ids = layout.ids.to(device)
-    got = {name: {"ttft": [], "select": [], "wait": []} for name in names}
-    for r in range(rounds + 1):                          # round 0 warms every variant
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            method, ratio, how = table[name]
-            if method is None:                           # transformers' own forward
-                synchronize(device)
-                t0 = time.perf_counter()
-                _hf_prefill(hf, ids)
-                synchronize(device)
-                stats = {"ttft_s": time.perf_counter() - t0, "selection_s": 0.0, "io_wait_s": 0.0}
-            else:
-                with patched(how):
-                    _, stats = engine.prefill(layout, make_selector(method, ratio), 1)
-            if r:
-                got[name]["ttft"].append(1000 * stats["ttft_s"])
-                got[name]["select"].append(1000 * stats["selection_s"])
-                got[name]["wait"].append(1000 * stats["io_wait_s"])
-    return {name: {k: statistics.median(v) for k, v in d.items()} | {"ttft_all": d["ttft"]}
-            for name, d in got.items()}
+
+    def run(method, ratio, how) -> dict:
+        if method is None:                               # transformers' own forward
+            synchronize(device)
+            t0 = time.perf_counter()
+            _hf_prefill(hf, ids)
+            synchronize(device)
+            return {"ttft_s": time.perf_counter() - t0, "selection_s": 0.0, "io_wait_s": 0.0}
+        with patched(how):
+            return engine.prefill(layout, make_selector(method, ratio), 1)[1]
+    timed = interleaved({name: functools.partial(run, *spec) for name, spec in table.items()}, rounds, warmup=1)
+    out = {}
+    for name, runs in timed.items():
+        ms = {key: [1000 * r[stat] for r in runs]
+              for key, stat in (("ttft", "ttft_s"), ("select", "selection_s"), ("wait", "io_wait_s"))}
+        out[name] = {key: statistics.median(v) for key, v in ms.items()} | {"ttft_all": ms["ttft"]}
+    return out
 
 
 def phases(engine, layout, ratio: float, device, repeats: int) -> dict:

@@ -78,21 +78,16 @@ def test_bench_measures_every_method_and_ratio_and_checks_exactness(tiny_config)
 
 def test_fused_runs_are_timed_in_rotating_rounds():
     """Warm-ups first, then each round times every run once, starting one run later than the round before."""
-    from types import SimpleNamespace
-
-    from qcfuse.bench.run import _interleaved
+    from qcfuse.bench.run import interleaved
     calls = []
 
-    class Engine:
-        def prefill(self, layout, selector, max_new_tokens):
-            calls.append((selector.name, selector.ratio))
-            return None, {"n": len(calls)}
-    runs = [("reuse", None), ("epic", 0.1), ("qcfuse", 0.1)]
-    bar = SimpleNamespace(update=lambda: None, close=lambda: None)
-    timed = _interleaved(Engine(), None, runs, BenchConfig(repeats=3, warmup=1), torch.device("cpu"), bar)
+    def call(key):
+        calls.append(key)
+        return {"n": len(calls)}
     a, b, c = ("reuse", 0.0), ("epic", 0.1), ("qcfuse", 0.1)
+    timed = interleaved({key: (lambda key=key: call(key)) for key in (a, b, c)}, repeats=3, warmup=1)
     assert calls == [a, b, c] + [a, b, c] + [b, c, a] + [c, a, b]
-    assert [s["n"] for s in timed[("epic", 0.1)]] == [5, 7, 12]       # its own calls, warm-up left out
+    assert [s["n"] for s in timed[b]] == [5, 7, 12]       # its own calls, warm-up left out
 
 
 def test_bench_profiles_one_request_per_length_into_the_record(tiny_config, tmp_path):

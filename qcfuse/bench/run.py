@@ -14,6 +14,7 @@ precision_check). On CUDA it counts the host syncs of one fused request and of o
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import platform
 import statistics
@@ -258,9 +259,16 @@ def run_bench(cfg: BenchConfig, log=print, progress: bool = True) -> dict:
                 res["check"] = precision_check(engine, layout)
 
             runs = [(m, r) for m in cfg.methods for r in ([None] if m == "reuse" else cfg.ratios)]
-            timed_by_run = _interleaved(engine, layout, runs, cfg, device,
-                                        tqdm(total=len(runs) * (cfg.warmup + cfg.repeats), desc=f"{n_tokens} tokens",
-                                             unit="run", disable=not progress, leave=False))
+
+            def fused(method, ratio):
+                synchronize(device)
+                _, stats = engine.prefill(layout, make_selector(method, ratio or 0.0), 1)
+                synchronize(device)
+                return stats
+            with tqdm(total=len(runs) * (cfg.warmup + cfg.repeats), desc=f"{n_tokens} tokens", unit="run",
+                      disable=not progress, leave=False) as bar:
+                timed_by_run = interleaved({run: functools.partial(fused, *run) for run in runs}, cfg.repeats,
+                                           cfg.warmup, bar)
             for method, ratio in runs:
                 timed = timed_by_run[(method, ratio)]
                 ttft = statistics.median([s["ttft_s"] for s in timed])
@@ -298,27 +306,22 @@ def run_bench(cfg: BenchConfig, log=print, progress: bool = True) -> dict:
     return record
 
 
-def _interleaved(engine, layout, runs: list, cfg: BenchConfig, device, bar) -> dict:
-    """Every fused run's stats over cfg.repeats rounds. Each round times every run once, in an order that rotates
-    round by round, so that drift (clocks, caches, a busy neighbour) spreads over all runs instead of landing
-    on whichever ran last. Each run's warm-up calls come first."""
-    from ..fusion import make_selector
-
-    def once(method, ratio):
-        synchronize(device)
-        _, stats = engine.prefill(layout, make_selector(method, ratio or 0.0), 1)
-        synchronize(device)
-        bar.update()
-        return stats
-    for method, ratio in runs:
-        for _ in range(cfg.warmup):
-            once(method, ratio)
-    timed = {run: [] for run in runs}
-    for round_ in range(cfg.repeats):
-        shift = round_ % len(runs)
-        for run in runs[shift:] + runs[:shift]:
-            timed[run].append(once(*run))
-    bar.close()
+def interleaved(calls: dict, repeats: int, warmup: int = 0, progress=None) -> dict:
+    """Each call's results over `repeats` rounds. Each round makes every call once, in an order that rotates
+    round by round, so that drift (clocks, caches, a busy neighbour) spreads over all of them instead of
+    landing on whichever ran last. Each call's warm-up calls come first. progress: a tqdm bar, or None."""
+    tick = progress.update if progress is not None else (lambda: None)
+    keys = list(calls)
+    for key in keys:
+        for _ in range(warmup):
+            calls[key]()
+            tick()
+    timed = {key: [] for key in keys}
+    for round_ in range(repeats):
+        shift = round_ % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            timed[key].append(calls[key]())
+            tick()
     return timed
 
 

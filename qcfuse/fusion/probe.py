@@ -35,11 +35,11 @@ def run_probe(model: Transformer, ids: torch.Tensor, positions: torch.Tensor, co
         ctx_keys = ctx_k if rotated else model.rope(layer, ctx_k, ctx_pos)
         keys = torch.cat([ctx_keys, model.rope(layer, k, positions)], dim=1)
         values = torch.cat([ctx_v, v], dim=1)
-        if model.spec.layers[layer].window is None and ctx_pos.shape[0] in masks:
-            plan = masks[ctx_pos.shape[0]]
-        else:
+        window_free = model.spec.layers[layer].window is None
+        plan = masks.get(ctx_pos.shape[0]) if window_free else None
+        if plan is None:
             plan = DenseAttention(positions, torch.cat([ctx_pos, positions]))
-            if model.spec.layers[layer].window is None:
+            if window_free:
                 masks[ctx_pos.shape[0]] = plan
         h = model.attend(layer, h, q, keys, values, plan)
 
