@@ -42,12 +42,16 @@ def main() -> None:
     ap.add_argument("--critical_layers", default="", help="QCFuse's layers, e.g. 4,6,8,12,17,22,26,31 "
                     "(default: three over the middle, as for any model without a profile)")
     ap.add_argument("--selection", action="store_true", help="count only what the selection dispatches")
+    ap.add_argument("--reuse_check", action="store_true",
+                    help="every fused pass also computes plain reuse's rows, as ratio auto's reuse check does")
     args = ap.parse_args()
     torch.set_num_threads(1)
     name, config = load_config(args.config)
     loaded = random_model(name, {**config, **NARROW}, "cpu", torch.float32)
     if args.critical_layers:
         loaded.transformer.critical_layers = [int(x) for x in args.critical_layers.split(",")]
+    if args.reuse_check:                   # random weights have no calibration: force the check's rows
+        Selector.checks_reuse = lambda self, model: True
     if args.selection:                     # the count runs inside Selector.select only
         select = Selector.select
 
