@@ -6,6 +6,7 @@ away from zero, so a missing or wrong norm, bias, scale or RoPE variant shows up
 """
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -28,6 +29,7 @@ from qcfuse.engine import FusionEngine
 from qcfuse.fusion import ReusedKV, make_selector
 from qcfuse.fusion.fuse import fuse, greedy_decode
 from qcfuse.model.loader import LoadedModel
+from qcfuse.model.norm import rms_norm
 from qcfuse.model.transformer import Transformer
 from qcfuse.prompt import PromptLayout
 
@@ -167,6 +169,22 @@ def test_model_is_what_the_family_should_be(family):
     else:
         assert [layer.window for layer in spec.layers] == [WINDOW if t == "sliding_attention" else None
                                                            for t in layer_types]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_is_bitwise_transformers(family, dtype):
+    """Every RMSNorm module of the family (input, post-attention, q/k, sandwich, final), called by transformers
+    and through model/norm.py's fused kernel, on rows of very different scales: equal to the last bit."""
+    hf, _ = family
+    norms = [(name, m) for name, m in hf.named_modules() if "norm" in type(m).__name__.lower()]
+    assert len(norms) >= 2 * hf.config.num_hidden_layers + 1
+    g = torch.Generator().manual_seed(7)
+    for name, module in norms:
+        width = module.weight.shape[0]
+        x = torch.randn(9, 3, width, generator=g) * torch.logspace(-3, 3, 9)[:, None, None]
+        m = copy.deepcopy(module).to(dtype)
+        with torch.no_grad():
+            assert torch.equal(rms_norm(m, x.to(dtype)), m(x.to(dtype))), name
 
 
 def test_prefill_matches_hf_forward_at_every_position(family):

@@ -1,7 +1,8 @@
 """What differs between the supported decoder families, read off a loaded transformers model.
 
-Everything else (projections, norms, MLPs, embeddings) is called straight from the transformers modules,
-so qcfuse computes with exactly the same weights and kernels as the reference forward.
+Everything else (projections, MLPs, embeddings) is called straight from the transformers modules, so qcfuse
+computes with exactly the same weights and kernels as the reference forward; RMSNorm runs as torch's fused
+kernel on the modules' weights (model/norm.py), bitwise the same on the CPU.
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ import torch
 from ..transfer import upload
 from .attention import RowAttention, RowGroups
 from .families import FamilySpec, describe
+from .norm import rms_norm
 
 
 class Transformer:
@@ -58,13 +59,13 @@ class Transformer:
         """Query (after RoPE), key (before RoPE, after any k-norm) and value for rows h: [n, E]."""
         block = self.blocks[layer]
         attn = block.self_attn
-        x = block.input_layernorm(h)
+        x = rms_norm(block.input_layernorm, h)
         heads = (-1, self.head_dim)
         q = attn.q_proj(x).unflatten(-1, heads)                            # [n, H, D]
         k = attn.k_proj(x).unflatten(-1, heads)                            # [n, Hkv, D]
         v = attn.v_proj(x).unflatten(-1, heads).transpose(0, 1)            # [Hkv, n, D]
         if self.spec.qk_norm:
-            q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)
         q = self.rope(layer, q.transpose(0, 1), positions)                 # [H, n, D]
         return q, k.transpose(0, 1), v                                     # k: [Hkv, n, D] pre-RoPE
 
@@ -79,17 +80,18 @@ class Transformer:
         block = self.blocks[layer]
         o = block.self_attn.o_proj(o.transpose(0, 1).flatten(1))
         if self.spec.sandwich_norm:
-            h = h + block.post_attention_layernorm(o)
-            return h + block.post_feedforward_layernorm(block.mlp(block.pre_feedforward_layernorm(h)))
+            h = h + rms_norm(block.post_attention_layernorm, o)
+            mlp_out = block.mlp(rms_norm(block.pre_feedforward_layernorm, h))
+            return h + rms_norm(block.post_feedforward_layernorm, mlp_out)
         h = h + o
-        return h + block.mlp(block.post_attention_layernorm(h))
+        return h + block.mlp(rms_norm(block.post_attention_layernorm, h))
 
     def plan(self, rows, n_keys: int, key_start: int = 0) -> RowAttention:
         """Attention of sorted rows over keys key_start..key_start+n_keys-1, planned once on the host."""
         return RowAttention(rows, n_keys, self.device, self.dtype, key_start, self.scattered_kernel)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        out = self.hf.lm_head(self.inner.norm(h)).float()                  # [n, vocab]
+        out = self.hf.lm_head(rms_norm(self.inner.norm, h)).float()        # [n, vocab]
         cap = self.spec.final_softcap
         return torch.tanh(out / cap) * cap if cap else out
 
