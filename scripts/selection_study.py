@@ -36,6 +36,11 @@ VARIANTS = {
     "qcfuse 10 layers 2..28": ("qcfuse", {"critical_layers": [2, 3, 5, 7, 10, 14, 18, 22, 26, 28]}),
     "qcfuse 8 layers suffix+last": ("qcfuse", {"critical_layers": [3, 5, 7, 10, 14, 18, 22, 26],
                                               "query_rows": "suffix+last"}),
+    # diagnostics (stop 31): is the musique_s gap the compressed view or the number of layers?
+    "qcfuse 8 layers full view": ("qcfuse", {"critical_layers": [3, 5, 7, 10, 14, 18, 22, 26], "anchor_ratio": 1.0}),
+    "qcfuse all layers": ("qcfuse", {"critical_layers": list(range(30))}),
+    "qcfuse 8 layers value weight": ("qcfuse", {"critical_layers": [3, 5, 7, 10, 14, 18, 22, 26],
+                                               "value_weight": True}),
 }
 RATIOS = [0.1, 0.15, 0.3]
 SETS = "musique_s[90:100],ruler_mv[0:5],ruler_mq[0:5]"

@@ -163,6 +163,30 @@ def test_qcfuse_scoring_options_change_the_scores_not_the_budget(smollm2, needle
     assert torch.allclose(scores["both"], (scores["plain"] + scores["last"]) / 2, atol=1e-6)
 
 
+def test_qcfuse_value_weight_weighs_attention_by_the_values_it_reads(smollm2, needle):
+    """value_weight (a study option, not a default): each probability counts times the norm of the value it
+    reads, so a chunk whose critical-layer values are zero scores zero, and its neighbours' scores are the plain
+    ones reweighed. It reads the critical layers' values in full (the compressed view has no values there)."""
+    from qcfuse.cache.kv import ChunkKV
+    layout, pieces, _ = needle
+    model = smollm2.transformer
+    silent = ChunkKV(pieces[1].k, pieces[1].v.clone(), pieces[1].extras)
+    silent.v[model.critical_layers] = 0            # the anchors' values (in extras) are untouched
+    scores = {}
+    for name, chunks, options in (("plain", pieces, {}), ("weighted", pieces, {"value_weight": True}),
+                                  ("silent", [pieces[0], silent, *pieces[2:]], {"value_weight": True})):
+        reused = ReusedKV(chunks, prefix_len=len(layout.prefix))
+        scores[name] = make_selector("qcfuse", 0.15, **options).scores(FusionInputs(model, layout, reused))
+        assert sorted(reused.layers_read) == (sorted(model.critical_layers) if options else [])
+    first = slice(0, pieces[1].n_tokens)           # pieces[0] is the prefix; the documents start with chunk 1
+    assert float(scores["silent"][first].abs().max()) == 0.0
+    assert float(scores["weighted"][first].min()) > 0.0
+    assert not torch.allclose(scores["weighted"], scores["plain"])
+    assert abs(float(scores["weighted"].sum()) - 1.0) < 1e-4
+    with pytest.raises(QcfuseError):
+        make_selector("qcfuse", 0.1, value_weight="yes")
+
+
 def test_qcfuse_narrow_keeps_the_budget_among_its_own_candidates(smollm2, smollm2_engine, needle):
     """narrow=x selects x times the budget by the question's scores, then keeps the budget among those by K/V
     deviation at the check layer: what is recomputed is exactly the budget, all of it from the candidates."""

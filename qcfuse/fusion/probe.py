@@ -65,7 +65,8 @@ QUERY_ROWS = ("suffix", "question", "last", "suffix+last")   # which suffix rows
 
 def question_scores(model: Transformer, layout, context: Context, layers: list[int],
                     keys: Callable[[int], torch.Tensor], reduction: str = "mean", head_norm: bool = False,
-                    query_rows: str = "suffix", rotated: bool = False) -> torch.Tensor:
+                    query_rows: str = "suffix", rotated: bool = False,
+                    value_norms: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
     """Score every document token by the attention the suffix (question + answer cue) pays it.
 
     The suffix runs through layers 0..max(layers) over context(l) (its keys after RoPE when `rotated`); at
@@ -76,6 +77,8 @@ def question_scores(model: Transformer, layout, context: Context, layers: list[i
     reduction, so heads that park most of their mass on the prefix weigh as much as document-reading ones.
     query_rows: the whole suffix, only the question's tokens, or only the last row (the one whose output
     becomes the first answer token); "suffix+last" averages the whole suffix's and the last row's scores.
+    value_norms: layer -> [Hkv, C] norms of the context's values; each probability is weighted by the norm of
+    the value it reads, so a token scores by how much it moves the head's output, not only by its attention.
     Returns scores [n_doc_tokens] in document-position order, on the compute device (nothing here waits for
     the GPU: the caller's top-k reads the result once).
     """
@@ -94,6 +97,9 @@ def question_scores(model: Transformer, layout, context: Context, layers: list[i
         if layer in wanted:
             keys_roped = model.rope(layer, keys(layer), ctx_pos)
             probs = attention_probs(model, layer, q, q_pos, keys_roped, ctx_pos)[:, rows, doc0:]
+            if value_norms is not None:
+                group = model.n_heads // model.n_kv_heads
+                probs = probs * value_norms(layer)[:, None, doc0:].repeat_interleave(group, dim=0)
             if head_norm:
                 probs = probs / probs.sum(dim=-1, keepdim=True).clamp_min(1e-30)
             s = probs.amax(dim=(0, 1)) if reduction == "max" else probs.mean(dim=(0, 1))

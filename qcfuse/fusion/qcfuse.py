@@ -30,7 +30,8 @@ class QCFuse(Selector):
 
     def __init__(self, ratio: float = 0.15, critical_layers: list[int] | None = None, n_critical: int | None = None,
                  reduction: str = "mean", anchor_ratio: float = 0.10, smooth: int = 0, chunk_heads: int = 0,
-                 head_norm: bool = False, query_rows: str = "suffix", narrow: float = 1.0, check_layer: int = 1):
+                 head_norm: bool = False, query_rows: str = "suffix", narrow: float = 1.0, check_layer: int = 1,
+                 value_weight: bool = False):
         super().__init__(ratio)
         if reduction not in ("mean", "max"):
             raise QcfuseError("reduction must be 'mean' or 'max'")
@@ -49,6 +50,9 @@ class QCFuse(Selector):
         if head_norm not in (True, False):               # 1/0 pass too
             raise QcfuseError(f"head_norm must be true or false, got {head_norm!r}")
         self.head_norm, self.query_rows = bool(head_norm), query_rows
+        if value_weight not in (True, False):
+            raise QcfuseError(f"value_weight must be true or false, got {value_weight!r}")
+        self.value_weight = bool(value_weight)      # study option: reads the critical layers' values in full
         # narrow > 1: take narrow x the budget by the question's scores, then keep the budget among them by
         # K/V deviation at check_layer (a query-agnostic second opinion, as CacheBlend's, on few candidates)
         self.narrow, self.check_layer = float(narrow), int(check_layer)
@@ -73,7 +77,7 @@ class QCFuse(Selector):
     def scoring(self, model) -> dict:
         return {"critical_layers": self.layers_for(model), "reduction": self.reduction,
                 "anchor_ratio": self.anchor_ratio, "head_norm": self.head_norm, "query_rows": self.query_rows,
-                "smooth": self.smooth}
+                "smooth": self.smooth, "value_weight": self.value_weight}
 
     def stage(self, inputs):
         """The query cache (anchors of layers 0..max(C), keys of C) goes to the device ahead of the full layers."""
@@ -88,8 +92,10 @@ class QCFuse(Selector):
         layers = self.layers_for(model)
         pos, k, v = reused.anchors_upto(max(layers) + 1, self.anchor_ratio)
         k = model.rope_stacked(k, pos)            # every layer's anchors rotated at once, not one layer at a time
+        value_norms = (lambda layer: reused.layer(layer)[1].float().norm(dim=-1)) if self.value_weight else None
         scores = question_scores(model, layout, lambda layer: (pos[layer], k[layer], v[layer]), layers,
-                                 reused.keys, self.reduction, self.head_norm, self.query_rows, rotated=True)
+                                 reused.keys, self.reduction, self.head_norm, self.query_rows, rotated=True,
+                                 value_norms=value_norms)
         if self.smooth or self.chunk_heads:
             scores = scores.clone()
             doc0 = len(layout.prefix)
