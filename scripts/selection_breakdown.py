@@ -6,7 +6,7 @@ Per context length, in one process:
      that drift between methods is not read as a difference. Variants: reuse, ProphetKV / FuseRAG / QCFuse at
      one ratio, QCFuse with the loader started before selection (does streaming slow selection?), and
      QCFuse at 0.02 with and without the reuse shadow (ratio auto's first pass, with the check and without),
-     and reuse / ProphetKV / QCFuse with the loader reading one layer per copy instead of a group.
+     and reuse / QCFuse with transformers' RMSNorm modules instead of model/norm.py's fused kernel.
   2. QCFuse's selection in phases, each closed by a sync of the compute stream (staging copies, the
      question's pass and scoring, the top-k read), with the host's enqueue time of each beside it.
   3. One QCFuse and one ProphetKV request under torch.profiler: tables by host time and by device time, and
@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 
 from qcfuse.bench.run import _hf_prefill, _store, _warm_up, interleaved, load_config, random_layout, random_model
-from qcfuse.cache import loader as loader_mod
 from qcfuse.cache.loader import LayerLoader
 from qcfuse.engine import FusionEngine
 from qcfuse.fusion import make_selector
@@ -38,18 +37,18 @@ from qcfuse.fusion import qcfuse as qcfuse_mod
 from qcfuse.fusion import selector as selector_mod
 from qcfuse.fusion.fuse import synchronize
 from qcfuse.fusion.selector import ReusedKV, Selector
+from qcfuse.model import transformer as transformer_mod
 
 
 def variants(ratio: float) -> dict:
     """name -> (method, ratio, how): how is None, or one of patched()'s."""
     return {"transformers full prefill": (None, None, None),
             "reuse": ("reuse", 0.0, None),
-            "reuse, one layer per copy": ("reuse", 0.0, "one layer"),
+            "reuse, transformers' RMSNorm": ("reuse", 0.0, "hf norm"),
             f"prophetkv {ratio:g}": ("prophetkv", ratio, None),
-            f"prophetkv {ratio:g}, one layer per copy": ("prophetkv", ratio, "one layer"),
             f"fuserag {ratio:g}": ("fuserag", ratio, None),
             f"qcfuse {ratio:g}": ("qcfuse", ratio, None),
-            f"qcfuse {ratio:g}, one layer per copy": ("qcfuse", ratio, "one layer"),
+            f"qcfuse {ratio:g}, transformers' RMSNorm": ("qcfuse", ratio, "hf norm"),
             f"qcfuse {ratio:g}, loader started before selection": ("qcfuse", ratio, "eager"),
             "qcfuse 0.02": ("qcfuse", 0.02, None),
             "qcfuse 0.02 + reuse shadow": ("qcfuse", 0.02, "shadow")}
@@ -59,19 +58,19 @@ def variants(ratio: float) -> dict:
 def patched(how: str | None):
     """'eager': the loader starts streaming before selection even from memory, as it did before the shipped
     default (from memory, start at the first full-layer read). 'shadow': every pass computes plain reuse's rows
-    beside it, as ratio auto's check does. 'one layer': the loader reads one layer per copy instead of
-    GROUP_LAYERS."""
-    saved_prefetch, saved_checks, saved_group = LayerLoader.prefetch, Selector.checks_reuse, loader_mod.GROUP_LAYERS
+    beside it, as ratio auto's check does. 'hf norm': every RMSNorm is transformers' module (eight operators)
+    instead of torch's fused kernel."""
+    saved_prefetch, saved_checks, saved_norm = LayerLoader.prefetch, Selector.checks_reuse, transformer_mod.rms_norm
     if how == "eager":
         LayerLoader.prefetch = LayerLoader.start
     elif how == "shadow":
         Selector.checks_reuse = lambda self, model: True
-    elif how == "one layer":
-        loader_mod.GROUP_LAYERS = 1
+    elif how == "hf norm":
+        transformer_mod.rms_norm = lambda module, x: module(x)
     try:
         yield
     finally:
-        LayerLoader.prefetch, Selector.checks_reuse, loader_mod.GROUP_LAYERS = saved_prefetch, saved_checks, saved_group
+        LayerLoader.prefetch, Selector.checks_reuse, transformer_mod.rms_norm = saved_prefetch, saved_checks, saved_norm
 
 
 def timed_rounds(engine, layout, table: dict, rounds: int, hf) -> dict:
