@@ -50,8 +50,11 @@ class Rope:
                device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and the sign-folded sin that `rotate` takes, remembered for the last few position sets.
         Position tensors are taken as immutable: the same tensor object means the same positions."""
+        is_range = isinstance(positions, range)
         for known, known_dtype, found in self._recent:
-            if known_dtype == dtype and (known is positions or (isinstance(positions, range) and known == positions)):
+            # ranges compare by value; never a tensor with a range (15 us each on the host, and always False)
+            if known_dtype == dtype and (known is positions or (is_range and isinstance(known, range)
+                                                                and known == positions)):
                 return found
         cos, sin = self.cos_sin(positions, dtype, device)
         half = sin.shape[-1] // 2
