@@ -5,10 +5,15 @@ GPU request makes the host dispatch. Compare checkouts with PYTHONPATH, e.g.
     for w in . ../old; do PYTHONPATH=$w .venv/bin/python scripts/count_host_ops.py --label $w; done
 
 `--selection` counts only the selection's operators (nested dispatch modes: the request's count includes them).
+`--python_profile N` adds, per run, the N functions with the most own time over 5 requests (cProfile): the host's
+Python work between operators, which the count does not see.
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -44,6 +49,8 @@ def main() -> None:
     ap.add_argument("--selection", action="store_true", help="count only what the selection dispatches")
     ap.add_argument("--reuse_check", action="store_true",
                     help="every fused pass also computes plain reuse's rows, as ratio auto's reuse check does")
+    ap.add_argument("--python_profile", type=int, default=0, metavar="N",
+                    help="also print each run's N Python functions with the most own time (5 requests)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     name, config = load_config(args.config)
@@ -72,6 +79,14 @@ def main() -> None:
             with _Count() as count:
                 engine.prefill(layout, make_selector(method, float(ratio or 0)), 1)
             counts.append(f"{run} {getattr(Selector.select, 'n', 0) if args.selection else count.n}")
+            if args.python_profile:
+                profile = cProfile.Profile()
+                with profile:
+                    for _ in range(5):
+                        engine.prefill(layout, make_selector(method, float(ratio or 0)), 1)
+                text = io.StringIO()
+                pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(args.python_profile)
+                print(f"{run} at {n_tokens} tokens, 5 requests:\n" + text.getvalue().split("\n\n", 2)[-1])
         print(f"{args.label} {name} ({config['num_hidden_layers']} layers, narrow) {n_tokens} tokens: "
               + ", ".join(counts), flush=True)
 
