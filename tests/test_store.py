@@ -410,10 +410,12 @@ class _GatedTier(MemoryTier):
         return reader
 
 
+@pytest.mark.parametrize("background", [True, False])
 @pytest.mark.parametrize("n_layers", [4, 7, 9])
-def test_background_loader_reads_groups_of_layers(tier, n_layers):
-    """The background loader reads each chunk GROUP_LAYERS layers at a time (fewer host calls beside a selector
-    that launches work), from any tier, and hands out exactly the stored layers, the last group short or not."""
+def test_loader_reads_groups_of_layers(tier, n_layers, background):
+    """The loader reads each chunk GROUP_LAYERS layers at a time (fewer host calls beside a selector that
+    launches work), from any tier, in the background or not, and hands out exactly the stored layers, one by
+    one or as the group they came in (which the fuse loop places at once), the last group short or not."""
     from qcfuse.cache import loader as loader_module
     entries = [ChunkKV(torch.randn(n_layers, 2, n, 8), torch.randn(n_layers, 2, n, 8)) for n in (5, 3, 6)]
     calls = []
@@ -429,14 +431,22 @@ def test_background_loader_reads_groups_of_layers(tier, n_layers):
             return read_group(start, stop)
         reader.layers = counted
         sources.append(reader)
-    loader = loader_module.LayerLoader(sources, n_layers, background=True)
+    loader = loader_module.LayerLoader(sources, n_layers, background=background)
     for layer in reversed(range(n_layers)):
         k, v = loader.layer(layer)
         assert torch.equal(k, torch.cat([e.k[layer] for e in entries], dim=1))
         assert torch.equal(v, torch.cat([e.v[layer] for e in entries], dim=1))
-    loader.close()
     group = loader_module.GROUP_LAYERS
     starts = list(range(0, n_layers, group))
+    for start in starts:
+        span = loader.span(start + 1 if start + 1 < n_layers else start)
+        assert span == range(start, min(n_layers, start + group))
+        k, v = loader.layers(span)
+        assert torch.equal(k, torch.cat([e.k[span.start:span.stop] for e in entries], dim=2))
+        assert torch.equal(v, torch.cat([e.v[span.start:span.stop] for e in entries], dim=2))
+    with pytest.raises(ValueError):
+        loader.layers(range(0, n_layers + 1))                       # not one group
+    loader.close()
     assert sorted(set(calls)) == [(a, min(n_layers, a + group)) for a in starts]
     assert len(calls) == len(entries) * len(starts)
 

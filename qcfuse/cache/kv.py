@@ -31,7 +31,15 @@ class ChunkKV:
         return self._layers[layer]
 
     def layers(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[start:stop], self.v[start:stop]                  # [stop-start, Hkv, n, D] views
+        """[stop-start, Hkv, n, D] views, made once per entry and group (read every request, like _layers)."""
+        views = self._group_views.get((start, stop))
+        if views is None:
+            views = self._group_views[(start, stop)] = (self.k[start:stop], self.v[start:stop])
+        return views
+
+    @cached_property
+    def _group_views(self) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+        return {}
 
     @cached_property
     def _layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:

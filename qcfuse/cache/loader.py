@@ -2,9 +2,10 @@
 
 `ChunkSource` is one chunk's cache as the fuse loop sees it: a reader over whichever tier served it, that
 falls back to recomputing the chunk if a part turns out broken or its tier goes away mid-request (never a
-wrong answer, never a failed request). `LayerLoader` reads layer l of every chunk, joins them into the
-context's [Hkv, C, D] K and V, and with `background=True` does so ahead of compute in a thread, so compute
-waits only for the layer it needs. The background thread reads a few layers at a time (`GROUP_LAYERS`). On
+wrong answer, never a failed request). `LayerLoader` reads a few layers of every chunk at a time
+(`GROUP_LAYERS`), joins them into the context's [G, Hkv, C, D] K and V, and with `background=True` does so
+ahead of compute in a thread, so compute waits only for the group it needs; the fuse loop places each group
+into the request's buffer at once (`layers()`), and selectors read single layers (`layer()`). On
 CUDA every transfer goes on the loader's own stream: each chunk's group of layers lands in one contiguous
 piece by a plain DMA from pinned memory (no temporaries, no strided copy), and one kernel per group joins the
 pieces; compute waits on that group's event only, never on the host. Whatever a selector stages on `stream`
@@ -90,6 +91,7 @@ class LayerLoader:
         self.io_wait_s = 0.0
         self.stream = copy_stream(self.device) if self.device.type == "cuda" else None
         self._layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
+        self._groups: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # first layer -> [G, Hkv, C, D] K, V
         self._ready = [threading.Event() for _ in range(n_layers)]
         self._events: list = [None] * n_layers          # CUDA: copy finished
         self._error: BaseException | None = None
@@ -114,34 +116,32 @@ class LayerLoader:
         if self.eager:
             self.start()
 
-    def _read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One layer of every chunk, joined along the token axis: [Hkv, C, D] each."""
-        pairs = [s.layer(layer) for s in self.sources]
-        k = torch.cat([p[0] for p in pairs], dim=1)
-        v = torch.cat([p[1] for p in pairs], dim=1)
-        return k, v
-
     def _run(self) -> None:
         try:
             for start in range(0, self.n_layers, GROUP_LAYERS):
-                stop = min(self.n_layers, start + GROUP_LAYERS)
-                event = None
-                if self.stream is not None:
-                    k, v = self._copy_to_device(start, stop)
-                    event = torch.cuda.Event()
-                    event.record(self.stream)
-                else:
-                    k, v = self._read_group(start, stop)
-                    if k.device != self.device:
-                        k, v = k.to(self.device), v.to(self.device)
-                for i, layer in enumerate(range(start, stop)):
-                    self._events[layer] = event
-                    self._layers[layer] = (k[i], v[i])
-                    self._ready[layer].set()
+                self._load(start)
         except BaseException as exc:       # surfaced to the consumer, never swallowed
             self._error = exc
             for event in self._ready:
                 event.set()
+
+    def _load(self, start: int) -> None:
+        """Read the group of layers that starts at `start` onto the device, and mark its layers ready."""
+        stop = min(self.n_layers, start + GROUP_LAYERS)
+        event = None
+        if self.stream is not None:
+            k, v = self._copy_to_device(start, stop)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        else:
+            k, v = self._read_group(start, stop)
+            if k.device != self.device:
+                k, v = k.to(self.device), v.to(self.device)
+        self._groups[start] = (k, v)
+        for i, layer in enumerate(range(start, stop)):
+            self._events[layer] = event
+            self._layers[layer] = (k[i], v[i])
+            self._ready[layer].set()
 
     def _read_group(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layers start..stop-1 of every chunk, joined along the token axis: [G, Hkv, C, D] each."""
@@ -160,8 +160,7 @@ class LayerLoader:
         t0 = time.perf_counter()
         if not self._background:
             if self._layers[layer] is None:
-                k, v = self._read(layer)
-                self._layers[layer] = (k.to(self.device), v.to(self.device))
+                self._load(self.span(layer).start)
         else:
             self.start()
             self._ready[layer].wait()
@@ -175,6 +174,18 @@ class LayerLoader:
                 self._events[layer] = None
         self.io_wait_s += time.perf_counter() - t0
         return self._layers[layer]
+
+    def span(self, layer: int) -> range:
+        """The layers that arrive together with `layer`: its read group."""
+        start = layer - layer % GROUP_LAYERS
+        return range(start, min(self.n_layers, start + GROUP_LAYERS))
+
+    def layers(self, span: range) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the layers in `span` (exactly one span()), as they arrived: [G, Hkv, C, D] each."""
+        if span != self.span(span.start):
+            raise ValueError(f"layers {span} are not one read group")
+        self.layer(span.start)                      # waits for the group, and hands it to the compute stream
+        return self._groups[span.start]
 
     def ready(self, layer: int) -> bool:
         return self._layers[layer] is not None

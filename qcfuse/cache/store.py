@@ -88,7 +88,7 @@ class MemoryReader(EntryReader):
         return k, v
 
     def layers(self, start, stop):
-        k, v = self.entry.k[start:stop], self.entry.v[start:stop]       # views of the stored (pinned) tensors
+        k, v = self.entry.layers(start, stop)                           # views of the stored (pinned) tensors
         self.bytes_read += k.numel() * k.element_size() * 2
         return k, v
 

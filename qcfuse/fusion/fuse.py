@@ -1,7 +1,8 @@
 """The fuse loop: reused chunk caches + selective recomputation, layer by layer.
 
 For every layer l:
-  1. the reused context K (pre-RoPE) is rotated to its place in this prompt and written with V into the buffer;
+  1. the reused context K (pre-RoPE) is rotated to its place in this prompt and written with V into the buffer
+     (for the few layers that the loader brings in together, when the first of them is due);
   2. the active rows (selected document tokens + the whole suffix) compute fresh K/V, overwrite their rows,
      and attend position-causally over the full fused K/V of the prompt;
   3. a selector that asked to look at layer l may narrow the active document rows.
@@ -71,10 +72,11 @@ def fuse(model: Transformer, layout: PromptLayout, reused: ReusedKV | None, sele
         shadow = model.plan(layout.suffix_positions(), n)                   # plain reuse's rows, stepped first
         stepped, n_shadow = RowGroups([shadow, attention]), shadow.n_rows
     h = model.embed(ids[stepped.rows])                                     # [n_shadow + n_rows, E]
+    placed = range(0)
     for layer in range(model.n_layers):
-        if selector.uses_cache:
-            k_old, v_old = reused.layer(layer)                             # [Hkv, ctx, D] pre-RoPE
-            model.place_reused(buffer, layer, k_old, v_old)
+        if selector.uses_cache and layer not in placed:                    # the layers that arrived with this one
+            placed, k_group, v_group = reused.group(layer)                 # [G, Hkv, ctx, D] pre-RoPE
+            model.place_reused(buffer, placed, k_group, v_group)
         h, k_new, v_new = model.layer_step(layer, h, stepped, buffer)
 
         if selector.uses_cache and layer in selector.refine_layers:
@@ -82,6 +84,7 @@ def fuse(model: Transformer, layout: PromptLayout, reused: ReusedKV | None, sele
             t0 = time.perf_counter()
             n_doc = int((rows < ctx).sum())
             doc_idx = attention.rows[:n_doc]
+            k_old, v_old = reused.layer(layer)                             # [Hkv, ctx, D] pre-RoPE
             view = LayerView(layer, attention.rows, n_doc, k_new, v_new, k_old[:, doc_idx], v_old[:, doc_idx], h)
             keep = _checked(selector.refine(view), layout)
             if not bool(torch.isin(keep, rows[:n_doc]).all()):

@@ -59,6 +59,16 @@ class ReusedKV:
             self._consumed.add(layer)
         return self.loader.layer(layer)
 
+    def group(self, layer: int) -> tuple[range, torch.Tensor, torch.Tensor]:
+        """`layer` and the layers that arrive with it (the loader's read group): (layers, pre-RoPE K, V), K and V
+        [G, Hkv, C, D], so the fuse loop places several layers of the reused context in one go."""
+        span = self.loader.span(layer)
+        for l in span:
+            if l not in self._consumed:
+                self.reads.append(("layer", l))
+                self._consumed.add(l)
+        return (span, *self.loader.layers(span))
+
     # -- the query cache ----------------------------------------------------------------------------------
     def stage_query(self, anchor_layers: int, anchor_ratio: float, critical: list[int],
                     name: str = "anchor_rank") -> None:

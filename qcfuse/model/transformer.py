@@ -112,12 +112,18 @@ class Transformer:
         o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return self.finish(layer, h, o), k, v
 
-    def place_reused(self, buffer, layer: int, k_pre: torch.Tensor, v: torch.Tensor, start: int = 0) -> None:
-        """Write reused pre-RoPE keys [Hkv, n, D] and values of positions start..start+n-1 into the buffer,
-        rotating the keys straight into place (no temporary copy of the reused context per layer)."""
-        n = k_pre.shape[1]
-        self.rope(layer, k_pre, range(start, start + n), out=buffer.k[layer, :, start:start + n])
-        buffer.v[layer, :, start:start + n].copy_(v)
+    def place_reused(self, buffer, layers: range, k_pre: torch.Tensor, v: torch.Tensor, start: int = 0) -> None:
+        """Write reused pre-RoPE keys [G, Hkv, n, D] and values of consecutive `layers` at positions
+        start..start+n-1 into the buffer, rotating the keys straight into place (no temporary copy of the reused
+        context); layers that share a RoPE table (all of them, unless the family alternates) in one go."""
+        n, span = k_pre.shape[2], range(start, start + k_pre.shape[2])
+        tables = {id(self.spec.layers[layer].rope) for layer in layers}
+        if len(tables) == 1:
+            self.rope(layers[0], k_pre, span, out=buffer.k[layers.start:layers.stop, :, start:start + n])
+        else:
+            for i, layer in enumerate(layers):
+                self.rope(layer, k_pre[i], span, out=buffer.k[layer, :, start:start + n])
+        buffer.v[layers.start:layers.stop, :, start:start + n].copy_(v)
 
     def new_buffer(self, capacity: int):
         from ..cache.kv import KVBuffer
