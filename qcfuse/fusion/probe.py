@@ -46,10 +46,13 @@ def run_probe(model: Transformer, ids: torch.Tensor, positions: torch.Tensor, co
 
 def attention_probs(model: Transformer, layer: int, q: torch.Tensor, q_pos: torch.Tensor,
                     keys: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-    """Softmax attention of queries q [H, n, D] over roped keys [Hkv, m, D]: [H, n, m] in fp32."""
-    group = model.n_heads // model.n_kv_heads
-    keys = keys.repeat_interleave(group, dim=0).float()
-    scores = q.float() @ keys.transpose(1, 2) * model.spec.layers[layer].scaling
+    """Softmax attention of queries q [H, n, D] over roped keys [Hkv, m, D]: [H, n, m] in fp32. Each key head
+    serves its group of query heads in one matmul, so the keys are not copied once per query head (at 32K
+    tokens that copy was the largest tensor of a selection)."""
+    n_kv, n_keys = keys.shape[0], keys.shape[1]
+    grouped = q.float().reshape(n_kv, -1, q.shape[-1])                   # [Hkv, group*n, D]
+    scores = (grouped @ keys.float().transpose(1, 2)).view(q.shape[0], q.shape[1], n_keys)
+    scores = scores * model.spec.layers[layer].scaling
     scores.masked_fill_(~visible(q_pos, k_pos, model.spec.layers[layer].window)[None], float("-inf"))
     return scores.softmax(dim=-1)
 
