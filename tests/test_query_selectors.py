@@ -95,6 +95,24 @@ def test_qcfuse_question_pass_rotates_at_once_and_masks_once(smollm2, needle, op
     assert all(torch.equal(m, masks[0]) for m in masks)
 
 
+def test_attention_probs_serve_each_query_head_from_its_key_head(smollm2):
+    """Scoring runs each key head against its group of query heads in one matmul: the same probabilities as
+    copying the keys once per query head (grouped query attention's mapping: query head h reads key head
+    h // group), with masked keys at zero."""
+    from qcfuse.fusion.probe import attention_probs
+    model = smollm2.transformer
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(model.n_heads, 5, model.head_dim, generator=g)
+    keys = torch.randn(model.n_kv_heads, 40, model.head_dim, generator=g)
+    q_pos, k_pos = torch.arange(36, 41), torch.arange(40)
+    probs = attention_probs(model, 0, q, q_pos, keys, k_pos)
+    group = model.n_heads // model.n_kv_heads
+    scores = q @ keys.repeat_interleave(group, dim=0).transpose(1, 2) * model.spec.layers[0].scaling
+    scores.masked_fill_(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+    torch.testing.assert_close(probs, scores.softmax(dim=-1), atol=1e-7, rtol=1e-6)
+    assert float(probs[:, 0, 37:].abs().max()) == 0.0               # row at position 36 sees keys 0..36 only
+
+
 def test_qcfuse_anchors_start_with_sinks(smollm2, needle):
     _, pieces, _ = needle
     rank = pieces[1].extras["anchor_rank"]
