@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One prepared device run (a lent H100/H200): environment (and the fused RMSNorm's deviation), attention kernels alone, `qcfuse bench` with the
-# given arguments (record kept), QCFuse's selection breakdown beside ProphetKV/FuseRAG and the reuse check's cost
+# One prepared device run (a lent H100/H200): environment (and the fused RMSNorm's deviation), attention kernels
+# alone, `qcfuse bench` with the given arguments (record kept), QCFuse's selection breakdown beside
+# ProphetKV/FuseRAG and the reuse check's cost
 # (scripts/selection_breakdown.py, shipped eight critical layers; BREAKDOWN_TOKENS=skip leaves it out), then any
 # EXTRA benches (one per ';'-separated argument list, tables only).
 # Every stage has its own timeout and its own log under $OUT (default ./gpu-out), so a stage that fails or runs
