@@ -96,6 +96,10 @@ def question_scores(model: Transformer, layout, context: Context, layers: list[i
         rows = slice(None)
     total = torch.zeros(layout.n_doc_tokens, device=model.device)
 
+    def reduced(probs: torch.Tensor) -> torch.Tensor:         # over heads and query rows, normalized to sum 1
+        s = probs.amax(dim=(0, 1)) if reduction == "max" else probs.mean(dim=(0, 1))
+        return s / s.sum().clamp_min(1e-30)
+
     def on_layer(layer: int, q: torch.Tensor) -> None:
         if layer in wanted:
             keys_roped = model.rope(layer, keys(layer), ctx_pos)
@@ -105,11 +109,9 @@ def question_scores(model: Transformer, layout, context: Context, layers: list[i
                 probs = probs * value_norms(layer)[:, None, doc0:].repeat_interleave(group, dim=0)
             if head_norm:
                 probs = probs / probs.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-            s = probs.amax(dim=(0, 1)) if reduction == "max" else probs.mean(dim=(0, 1))
-            s = s / s.sum().clamp_min(1e-30)
+            s = reduced(probs)
             if query_rows == "suffix+last":
-                s_last = probs[:, last].amax(dim=(0, 1)) if reduction == "max" else probs[:, last].mean(dim=(0, 1))
-                s = (s + s_last / s_last.sum().clamp_min(1e-30)) / 2
+                s = (s + reduced(probs[:, last])) / 2
             total.add_(s)
 
     run_probe(model, torch.tensor(layout.suffix), q_pos, context, max(layers) + 1, on_layer, rotated)

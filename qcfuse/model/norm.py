@@ -2,10 +2,11 @@
 
 transformers' RMSNorm is eight elementwise operators (Gemma3's ten), and a layer runs it up to four times. On a
 GPU a fused pass and the query pass are bound by the host's launches, not by the math: the fused kernel takes a
-reuse request on Qwen3-8B's 36 layers from 3,440 to 2,570 host operators (scripts/count_host_ops.py). The rounding is kept where transformers puts it (Llama-style: normalize,
-cast to the model's dtype, then scale; Gemma3: scale by 1 + weight in fp32, then cast), so on the CPU the result
-is bitwise transformers' (tests/test_families.py::test_fused_rms_norm_is_bitwise_transformers). On CUDA the
-kernel's own reduction order may differ from `pow().mean()` in the last bit of fp32.
+reuse request on Qwen3-8B's 36 layers from 3,440 to 2,570 host operators (scripts/count_host_ops.py). The
+rounding is kept where transformers puts it (Llama-style: normalize, cast to the model's dtype, then scale;
+Gemma3: scale by 1 + weight in fp32, then cast), so on the CPU the result is bitwise transformers'
+(tests/test_families.py::test_fused_rms_norm_is_bitwise_transformers). On CUDA the kernel's own reduction order
+may differ from `pow().mean()` in the last bit of fp32.
 """
 from __future__ import annotations
 

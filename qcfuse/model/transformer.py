@@ -44,16 +44,21 @@ class Transformer:
     def rope_stacked(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Keys of layers 0..A-1 ([A, Hkv, n, D], pre-RoPE) each rotated to its own positions [A, n] by its
         layer's table; layers that share a table (all of them, unless the family alternates) in one go."""
-        by_table: dict[int, list[int]] = {}
-        for layer in range(x.shape[0]):
-            by_table.setdefault(id(self.spec.layers[layer].rope), []).append(layer)
+        by_table = self._by_rope_table(range(x.shape[0]))
         if len(by_table) == 1:
             return self.spec.layers[0].rope.apply_stacked(x, positions)
         out = torch.empty_like(x)
-        for layers in by_table.values():
+        for layers in by_table:
             idx = upload(torch.tensor(layers), x.device)
             out[idx] = self.spec.layers[layers[0]].rope.apply_stacked(x[idx], positions[idx])
         return out
+
+    def _by_rope_table(self, layers) -> list[list[int]]:
+        """`layers` grouped by the RoPE table they rotate with: one group, unless the family alternates."""
+        groups: dict[int, list[int]] = {}
+        for layer in layers:
+            groups.setdefault(id(self.spec.layers[layer].rope), []).append(layer)
+        return list(groups.values())
 
     def project_qkv(self, layer: int, h: torch.Tensor, positions: torch.Tensor):
         """Query (after RoPE), key (before RoPE, after any k-norm) and value for rows h: [n, E]."""
@@ -117,8 +122,7 @@ class Transformer:
         start..start+n-1 into the buffer, rotating the keys straight into place (no temporary copy of the reused
         context); layers that share a RoPE table (all of them, unless the family alternates) in one go."""
         n, span = k_pre.shape[2], range(start, start + k_pre.shape[2])
-        tables = {id(self.spec.layers[layer].rope) for layer in layers}
-        if len(tables) == 1:
+        if len(self._by_rope_table(layers)) == 1:
             self.rope(layers[0], k_pre, span, out=buffer.k[layers.start:layers.stop, :, start:start + n])
         else:
             for i, layer in enumerate(layers):
