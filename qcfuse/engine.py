@@ -3,7 +3,8 @@
 Offline, `prepare` prefills each chunk on its own (positions from 0) and stores its pre-RoPE K/V under a
 content key. Online, `generate` fetches the prefix and chunk caches (computing any miss), lets the selector
 pick tokens, runs the fuse loop (again with more tokens while ratio auto's margin rule finds the first token
-unsure), and decodes from the fused cache (greedily unless sampling says otherwise, qcfuse/sampling.py).
+unsure; a pass of ratio auto that recomputes every document token is a plain full prefill), and decodes from
+the fused cache (greedily unless sampling says otherwise, qcfuse/sampling.py).
 
 Cache accounting, per request and for document chunks: a hit is a chunk served whole from the store; a chunk
 computed in the request is a miss, including one whose entry turned out broken (also counted in
@@ -168,7 +169,7 @@ class FusionEngine:
         model = self.model.transformer
         self.check_fits(layout, max_new_tokens)
         pieces: list[_Piece] = []
-        if selector.uses_cache:
+        if selector.uses_cache and not selector.recomputes_everything(model, 0):     # else nothing is read
             if layout.prefix:
                 pieces.append(self._source(layout.prefix))     # shared by every request: not a chunk
             pieces += [self._source(ids) for ids in layout.chunks]
@@ -187,15 +188,18 @@ class FusionEngine:
             return reuse[0]
 
         while True:     # one pass, unless ratio auto's margin rule finds the first token unsure and escalates
-            out = self._fuse_pass(layout, sources, selector, layout.n_tokens + max_new_tokens,
-                                  context_only and selector.auto is None, passes, waits,
-                                  with_reuse=passes == 0 and selector.checks_reuse(model))
+            everything = selector.recomputes_everything(model, passes)     # then a plain prefill: no reads
+            out = self._fuse_pass(layout, [] if everything else sources,
+                                  make_selector("fullcomp") if everything else selector,
+                                  layout.n_tokens + max_new_tokens, context_only and selector.auto is None,
+                                  passes, waits,
+                                  with_reuse=passes == 0 and not everything and selector.checks_reuse(model))
             if not first:
                 first.append(out)
             passes += 1
             recomputed_total += int(out.recomputed.numel())
             selection_s += out.selection_s
-            if selector.settled(model, out.logits, passes - 1, reuse_token):
+            if everything or selector.settled(model, out.logits, passes - 1, reuse_token):
                 break
         io_wait_s = sum(waits)
         if context_only:

@@ -194,6 +194,32 @@ def test_engine_escalates_until_the_first_token_is_sure(smollm2, smollm2_engine,
     assert forced["passes"] == 2 and forced["reuse_checked"]
 
 
+def test_a_pass_of_every_token_is_a_plain_prefill(smollm2, smollm2_engine, needle_layout, monkeypatch):
+    """Where ratio auto asks for every document token (a ladder's rung of 1.0, or a calibrated share of 1.0),
+    that pass is full prefill's: the same logits, nothing read from the chunk caches for it, no selection."""
+    layout, engine = needle_layout, smollm2_engine
+    full, _ = engine.prefill(layout, make_selector("fullcomp"), 1)
+    small = engine.prefill(layout, make_selector("qcfuse", 0.02), 1)[1]
+    monkeypatch.setattr(smollm2.transformer, "auto_calibration", {"qcfuse": margin_table(1e9, [0.02, 1.0])})
+    climbed, stats = engine.prefill(layout, make_selector("qcfuse", "auto:0.95"), 1)
+    assert stats["passes"] == 2 and stats["recomputed_share"] == 1.0
+    assert stats["recomputed_total_share"] == pytest.approx(1.0 + small["recomputed_share"])
+    assert stats["bytes_loaded"] == small["bytes_loaded"] > 0          # only the first pass read the caches
+    assert torch.equal(climbed.logits, full.logits)
+    monkeypatch.setattr(smollm2.transformer, "auto_calibration",
+                        {"qcfuse": {"targets": [0.8, 0.99], "mass": [0.5, 1.0]}})
+    out, mass = engine.prefill(layout, make_selector("qcfuse", "auto:0.99"), 1)
+    assert mass["passes"] == 1 and mass["recomputed_share"] == 1.0 and mass["auto_rule"] == "mass"
+    assert mass["bytes_loaded"] == 0 and mass["cache_hits"] == 0 and mass["selection_s"] == 0
+    assert torch.equal(out.logits, full.logits)
+    # short of 1.0 the mass rule reads and selects; bounded below 1.0 it never asks for everything
+    assert engine.prefill(layout, make_selector("qcfuse", "auto:0.9"), 1)[1]["bytes_loaded"] > 0
+    capped = engine.prefill(layout, make_selector("qcfuse", "auto:0.99", max_ratio=0.5), 1)[1]
+    assert capped["bytes_loaded"] > 0 and capped["recomputed_share"] <= 0.5
+    # a fixed ratio of 1.0 still runs the fuse loop over the reused caches
+    assert engine.prefill(layout, make_selector("qcfuse", 1.0), 1)[1]["bytes_loaded"] > 0
+
+
 def test_reuse_logits_beside_a_fused_pass_are_plain_reuses(smollm2_engine, needle_layout):
     """The reuse check's shadow rows give what a plain reuse pass gives, and leave the fused pass as it was."""
     engine, layout = smollm2_engine, needle_layout

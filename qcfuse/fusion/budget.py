@@ -124,6 +124,17 @@ class AutoBudget:
         n = scores.numel()
         return clamp_count(round(ladder[min(attempt, len(ladder) - 1)] * n), n, self.min_ratio, self.max_ratio)
 
+    def everything(self, table: dict, attempt: int) -> bool:
+        """Whether the pass numbered `attempt` recomputes every document token, whatever the scores: a margin
+        ladder's last rung of 1.0, or a calibrated attention share of 1.0 (a calibration sample kept its first
+        token at no grid ratio)."""
+        if self.min_ratio >= 1.0:
+            return True
+        if self.rule_for(table) == "mass":
+            return self.max_ratio >= 1.0 and self.mass_for(table) >= 1.0
+        ladder = self.ladder(table)
+        return ladder[min(attempt, len(ladder) - 1)] >= 1.0
+
     def settled(self, logits: torch.Tensor | None, table: dict, attempt: int,
                 reuse_token: Callable[[], int] | None = None) -> bool:
         """Whether the pass numbered `attempt` is the request's last: always for the mass rule; for the margin

@@ -272,6 +272,12 @@ class Selector:
         token, for the margin rule's reuse check."""
         return self.auto is None or self.auto.settled(logits, self.auto_table(model), attempt, reuse_token)
 
+    def recomputes_everything(self, model, attempt: int) -> bool:
+        """Ratio auto's rule asks for every document token on pass `attempt`: the engine runs that pass as a
+        plain full prefill, which reads and places no chunk cache (a fixed ratio of 1.0 still runs the fuse
+        loop, as the exactness tests want)."""
+        return self.auto is not None and self.auto.everything(self.auto_table(model), attempt)
+
     def checks_reuse(self, model) -> bool:
         """Whether ratio auto's margin rule checks a first pass against plain reuse's first token on `model`."""
         return self.auto is not None and self.auto.checks_reuse(self.auto_table(model))
