@@ -81,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     ca.add_argument("--chunk_tokens", type=int, default=512, help="chunk size of generated RULER samples")
     ca.add_argument("--data_dir", help="dataset directory (default: ../shared/data)")
     ca.add_argument("--log", help="also write one JSON line per sample and method (what each needed)")
+    ca.add_argument("--pass_cost", type=float,
+                    help="what a fused pass costs besides its recompute, as a share of full prefill's time, charged "
+                         "per pass when the margin rule's ladders are compared (default: measured from the logged "
+                         "passes' times; 0 for logs without times)")
     ca.add_argument("--out", help="profile file to update (default: the one stored with the model)")
     _threads_arg(ca)
     ca.set_defaults(func=_calibrate)
@@ -285,6 +289,8 @@ def _calibrate(args) -> int:
         if m not in SELECTORS or not SELECTORS[m].query_aware:
             raise QcfuseError(f"cannot calibrate '{m}': ratio auto needs a query-aware method "
                               f"({', '.join(n for n, c in sorted(SELECTORS.items()) if c.query_aware)})")
+    if args.pass_cost is not None and not 0.0 <= args.pass_cost <= 1.0:       # NaN fails here too
+        raise QcfuseError(f"--pass_cost is a share of full prefill's time, within [0, 1]; got {args.pass_cost:g}")
     if bool(args.sets) == bool(args.from_logs):
         raise QcfuseError("give either --sets (calibration samples to run) or --from_logs (rows of earlier runs)")
     if args.from_logs:
@@ -296,7 +302,7 @@ def _calibrate(args) -> int:
                           seed=args.seed, chunk_tokens=args.chunk_tokens)
     log = open(args.log, "a") if args.log else None
     try:
-        result = calibrate_auto(FusionEngine(model), samples, methods,
+        result = calibrate_auto(FusionEngine(model), samples, methods, pass_cost=args.pass_cost,
                                 on_sample=lambda row: log and (log.write(json.dumps(row) + "\n"), log.flush()))
     finally:
         if log:
@@ -320,7 +326,7 @@ def _refit(args, methods: list[str]) -> int:
     if len(set(zip(seen, (r["method"] for r in rows)))) != len(rows):
         raise QcfuseError("--from_logs: a sample appears twice for the same method (overlapping runs?)")
     model = _load(args)
-    auto = fit_auto(rows, scoring_now(model.transformer, methods))
+    auto = fit_auto(rows, scoring_now(model.transformer, methods), pass_cost=args.pass_cost)
     sets = Counter(re.sub(r"-\d+$", "", sample) for sample in set(seen))
     _write_calibration(args, model.directory, auto, f"logs {args.from_logs}: "
                        + ", ".join(f"{n} of {name}" for name, n in sorted(sets.items())), None)
@@ -334,10 +340,14 @@ def _write_calibration(args, model_dir: Path, auto: dict, sets: str, seconds: fl
     for method, table in auto.items():
         pairs = ", ".join(f"{t:g} -> {m:.3f}" for t, m in zip(table["targets"], table["mass"]))
         print(f"{method}: attention share per target ({table['samples']} samples): {pairs}")
+        if table.get("margin"):
+            print(f"{method}: a fused pass costs {table.get('pass_cost', 0.0):.3f} of a full prefill besides its "
+                  "recompute (charged per pass when ladders are compared)")
         for step in table.get("margin", []):
             print(f"{method}: margin rule for {step['target']:g}: ladder {step['ladder']}, accept at a margin of "
                   f"{step['min_margin']:.3f}{' and reuse check' if step.get('reuse_check') else ''}; on the "
-                  f"calibration set it kept {100 * step['agreement']:.0f}% at a mean share of {step['mean_share']:.3f}")
+                  f"calibration set it kept {100 * step['agreement']:.0f}% at a mean share of {step['mean_share']:.3f}"
+                  + (f" (cost {step['mean_cost']:.3f} full prefills)" if "mean_cost" in step else ""))
     print(f"written to {out}")
 
 

@@ -130,7 +130,7 @@ def needed_share(engine: FusionEngine, layout, scores: torch.Tensor, full_logits
         agrees = int(fused.first_logits.argmax()) == top1
         tried.append({"ratio": ratio, "agrees": agrees, "kl": round(kl_first_token(full_logits, fused.first_logits), 6),
                       "margin": round(first_token_margin(fused.first_logits), 6),
-                      "token": int(fused.first_logits.argmax())})
+                      "token": int(fused.first_logits.argmax()), "seconds": round(fused.stats["ttft_s"], 4)})
         if agrees and found is None:
             found = {"ratio": ratio, "mass": round(mass_of_top(scores, k), 6)}
             if not every:
@@ -157,6 +157,23 @@ def ladder_stop(tried: dict[float, dict], ladder: tuple[float, ...], min_margin:
     raise ValueError("empty ladder")
 
 
+def ladder_cost(ladder, stopped_at: float, pass_cost: float) -> float:
+    """What a request that stopped at rung `stopped_at` paid, in full prefills: each fused pass its share plus
+    `pass_cost` (what a pass costs besides its recompute: the suffix, the reads, the selection), a rung of 1.0
+    one plain prefill."""
+    rungs = list(ladder)[:list(ladder).index(stopped_at) + 1]
+    return sum(r if r >= 1.0 else r + pass_cost for r in rungs)
+
+
+def pass_cost_of(rows: list[dict]) -> float:
+    """A fused pass's cost besides its recompute, as a share of full prefill's time: the median over logged
+    passes of (pass time - ratio x full prefill's time) / full prefill's time (0 where the rows carry no
+    times, as logs before it do)."""
+    costs = sorted((t["seconds"] - t["ratio"] * r["full_seconds"]) / r["full_seconds"]
+                   for r in rows if r.get("full_seconds") for t in r["tried"] if "seconds" in t)
+    return round(max(0.0, costs[len(costs) // 2]), 4) if costs else 0.0
+
+
 def run_ladder(tried: dict[float, dict], ladder: tuple[float, ...], min_margin: float,
                reuse_token: int | None = None) -> tuple[bool, float]:
     """What the margin rule does on one calibration sample: (first token kept, share recomputed over all
@@ -171,11 +188,14 @@ def _precision(pairs: list[tuple[float, bool]], min_margin: float) -> float:
 
 
 def fit_margin_rule(samples: list[list[dict]], targets=AUTO_TARGETS, max_rungs: int = MAX_RUNGS,
-                    reuse_tokens: list[int] | None = None) -> list[dict]:
-    """Per target t: the ladder and margin with the least mean recompute (every pass counted) that keep full
-    prefill's first token in a share >= t of the calibration samples, among margins that hold at every grid
-    ratio (below). Ladders: 1 to `max_rungs` ratios of the grid the samples were fused at, the last accepted
-    as it is, or followed by a full recompute (required for targets finer than the set resolves).
+                    reuse_tokens: list[int] | None = None, pass_cost: float = 0.0) -> list[dict]:
+    """Per target t: the ladder and margin with the least mean cost that keep full prefill's first token in a
+    share >= t of the calibration samples, among margins that hold at every grid ratio (below). The cost counts
+    every pass: its recompute share, plus `pass_cost` for each fused pass (ladder_cost); with pass_cost 0 it is
+    the share recomputed. Ladders: 1 to `max_rungs` ratios of the grid the samples were fused at, the last
+    accepted as it is, or followed by a full recompute (required for targets finer than the set resolves). A
+    ladder gives way to one plain full prefill (ladder [1.0], exact, cost 1) unless it is cheaper with some
+    confidence: its mean cost plus two standard errors over the samples below 1.
     reuse_tokens (reuse's first token per sample, when logged with each pass's token): targets finer than the
     set resolves add the reuse check on top of their ladder and margin, where it keeps the target on the set.
     The set has no failures left there to fit a margin on, and the check guards against those it missed;
@@ -201,25 +221,41 @@ def fit_margin_rule(samples: list[list[dict]], targets=AUTO_TARGETS, max_rungs: 
         best = None
         for ladder in (c for c in ladders if c[-1] >= 1.0 or not exact):
             for min_margin in trusted:
-                runs = [run_ladder(r, ladder, min_margin) for r in by_ratio]
-                agreement = sum(kept for kept, _ in runs) / len(runs)
-                spent = sum(s for _, s in runs) / len(runs)
-                if agreement >= target - 1e-9 and (best is None or spent < best["mean_share"] - 1e-12):
-                    best = {"target": target, "ladder": list(ladder), "min_margin": min_margin,
-                            "agreement": round(agreement, 4), "mean_share": round(spent, 4)}
+                step = _replay_step(by_ratio, ladder, min_margin, None, pass_cost)
+                # against the best's cost rounded to 4 places, as fits have compared from the start: it decides
+                # between thresholds that tie on the set, so the shipped ladders stay reproducible
+                cheaper = best is None or step["cost"] < round(best["cost"], 4) - 1e-12
+                if step["agreement"] >= target - 1e-9 and cheaper:
+                    best = {"target": target, **step}
         if best is not None and exact and reuse_tokens is not None and len(best["ladder"]) > 1:
-            runs = [run_ladder(r, best["ladder"], best["min_margin"], token) for r, token in zip(by_ratio, reuse_tokens)]
-            agreement = sum(kept for kept, _ in runs) / len(runs)
-            if agreement >= target - 1e-9:
-                best.update(reuse_check=True, agreement=round(agreement, 4),
-                            mean_share=round(sum(s for _, s in runs) / len(runs), 4))
-        steps.append(best or {"target": target, "ladder": [1.0], "min_margin": 0.0, "agreement": 1.0,
-                              "mean_share": 1.0})
+            checked = _replay_step(by_ratio, best["ladder"], best["min_margin"], reuse_tokens, pass_cost)
+            if checked["agreement"] >= target - 1e-9:
+                best.update(checked, reuse_check=True)
+        if best is None or best["cost_bound"] >= 1.0:       # not surely cheaper than a plain prefill, which is exact
+            best = {"target": target, "ladder": [1.0], "min_margin": 0.0, "agreement": 1.0, "mean_share": 1.0,
+                    "cost": 1.0}
+        cost = best.pop("cost")
+        best.pop("cost_bound", None)
+        steps.append({**best, **({"mean_cost": round(cost, 4)} if pass_cost else {})})
     return steps
 
 
+def _replay_step(by_ratio: list[dict], ladder, min_margin: float, reuse_tokens: list[int] | None,
+                 pass_cost: float) -> dict:
+    """A ladder and margin replayed on the calibration samples: its agreement, mean share and mean cost."""
+    stops = [ladder_stop(r, ladder, min_margin, None if reuse_tokens is None else reuse_tokens[i])
+             for i, r in enumerate(by_ratio)]
+    kept = [ratio >= 1.0 or r[ratio]["agrees"] for r, (ratio, _) in zip(by_ratio, stops)]
+    costs = [ladder_cost(ladder, ratio, pass_cost) for ratio, _ in stops]
+    mean = sum(costs) / len(costs)
+    spread = math.sqrt(sum((c - mean) ** 2 for c in costs) / max(1, len(costs) - 1) / len(costs))
+    return {"ladder": list(ladder), "min_margin": min_margin, "agreement": round(sum(kept) / len(kept), 4),
+            "mean_share": round(sum(spent for _, spent in stops) / len(stops), 4),
+            "cost": mean, "cost_bound": mean + 2 * spread}
+
+
 def calibrate_auto(engine: FusionEngine, samples: list, methods: list[str], targets=AUTO_TARGETS,
-                   grid=AUTO_GRID, progress: bool = True, on_sample=None) -> dict:
+                   grid=AUTO_GRID, progress: bool = True, on_sample=None, pass_cost: float | None = None) -> dict:
     """Fuse every calibration sample at every grid ratio, per method (`on_sample` gets each sample's row as it
     is done, e.g. to log it), and fit both rules of ratio auto from those rows (`fit_auto`)."""
     from .fusion import FusionInputs
@@ -227,7 +263,8 @@ def calibrate_auto(engine: FusionEngine, samples: list, methods: list[str], targ
     t0 = time.perf_counter()
     for sample in tqdm(samples, desc="calibrating ratio auto", unit="sample", disable=not progress):
         layout = engine.layout(sample.documents, sample.question)
-        full = engine.generate_layout(layout, make_selector("fullcomp"), 1).first_logits
+        full_run = engine.generate_layout(layout, make_selector("fullcomp"), 1)
+        full = full_run.first_logits
         reuse_token = int(engine.generate_layout(layout, make_selector("reuse"), 1).first_logits.argmax())
         pieces = [engine._entry(ids)[0] for ids in [layout.prefix, *layout.chunks] if ids]
         for method in methods:
@@ -235,10 +272,11 @@ def calibrate_auto(engine: FusionEngine, samples: list, methods: list[str], targ
             scores = selector.scores(FusionInputs(engine.model.transformer, layout,
                                                   ReusedKV(pieces, len(layout.prefix))))
             found = needed_share(engine, layout, scores, full, grid, every=True)
-            rows.append({"sample": sample.id, "method": method, **found, "reuse_token": reuse_token})
+            rows.append({"sample": sample.id, "method": method, **found, "reuse_token": reuse_token,
+                         "full_seconds": round(full_run.stats["ttft_s"], 4)})
             if on_sample is not None:
                 on_sample(rows[-1])
-    out = fit_auto(rows, scoring_now(engine.model.transformer, methods), targets)
+    out = fit_auto(rows, scoring_now(engine.model.transformer, methods), targets, pass_cost)
     return {"auto": out, "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -248,11 +286,13 @@ def scoring_now(model, methods: list[str]) -> dict[str, dict]:
     return {m: make_selector(m, 0.15).scoring(model) for m in methods}
 
 
-def fit_auto(rows: list[dict], scoring: dict[str, dict], targets=AUTO_TARGETS) -> dict:
+def fit_auto(rows: list[dict], scoring: dict[str, dict], targets=AUTO_TARGETS,
+             pass_cost: float | None = None) -> dict:
     """Both rules of ratio auto (fusion/budget.py), per method in `scoring` (what its scores depend on now),
     from calibration rows (one per sample and method, as `calibrate_auto` logs them): the attention share that
     served each sample, at its t-quantile per target t (the higher neighbour: on the calibration set at least a
-    share t of samples needed no more), and the margin rule's ladder and threshold per target."""
+    share t of samples needed no more), and the margin rule's ladder and threshold per target, fitted on cost
+    with `pass_cost` (None: measured from the rows' times, `pass_cost_of`)."""
     out = {}
     for method, how in scoring.items():
         mine = [r for r in rows if r["method"] == method]
@@ -262,10 +302,12 @@ def fit_auto(rows: list[dict], scoring: dict[str, dict], targets=AUTO_TARGETS) -
         quantile = [ordered[min(len(ordered) - 1, max(0, math.ceil(t * len(ordered)) - 1))] for t in targets]
         every = [r["tried"] for r in mine if r["tried"] and all("margin" in t for t in r["tried"])]
         checked = all("reuse_token" in r and all("token" in t for t in r["tried"]) for r in mine)
-        margin = (fit_margin_rule(every, targets, reuse_tokens=[r["reuse_token"] for r in mine] if checked else None)
+        cost = pass_cost_of(mine) if pass_cost is None else pass_cost
+        margin = (fit_margin_rule(every, targets, reuse_tokens=[r["reuse_token"] for r in mine] if checked else None,
+                                  pass_cost=cost)
                   if len(every) == len(mine) else [])
         out[method] = {"targets": list(targets), "mass": [round(m, 6) for m in quantile], "samples": len(mine),
                        "grid": sorted({t["ratio"] for r in mine for t in r["tried"]}),
-                       **({"margin": margin} if margin else {}),
+                       **({"margin": margin, "pass_cost": cost} if margin else {}),
                        **({"scoring": how} if how else {})}
     return out

@@ -10,7 +10,7 @@ from qcfuse.errors import QcfuseError
 from qcfuse.fusion import make_selector
 from qcfuse.fusion import selector as selector_module
 from qcfuse.fusion.budget import AutoBudget, first_token_margin
-from qcfuse.profile import fit_auto, fit_margin_rule, run_ladder
+from qcfuse.profile import fit_auto, fit_margin_rule, ladder_cost, pass_cost_of, run_ladder
 
 LADDER = [0.02, 0.1, 1.0]
 
@@ -74,7 +74,7 @@ def test_ladder_and_threshold_fit_by_hand():
     # a confident failure at any grid ratio raises the threshold above it, even where the ladder never meets it
     trap = _tried((0.02, True, 1.0), (0.1, False, 1.2))
     sure = _tried((0.02, True, 2.0), (0.1, True, 2.0))
-    assert fit_margin_rule([trap, sure], targets=(1.0,))[0]["min_margin"] == 2.0
+    assert fit_margin_rule([trap] + [sure] * 7, targets=(1.0,))[0]["min_margin"] == 2.0
     # 2 samples resolve failure rates of 1/2: at target 0.9 the ladder must end in a full recompute, though
     # stopping at 0.1 would have kept both
     both = fit_margin_rule([hard, easy], targets=(0.5, 0.9))
@@ -84,6 +84,38 @@ def test_ladder_and_threshold_fit_by_hand():
     table = fit_auto(rows, {"qcfuse": {"critical_layers": [1]}}, targets=(0.5, 1.0))["qcfuse"]
     assert [s["target"] for s in table["margin"]] == [0.5, 1.0] and table["grid"] == [0.02, 0.1]
     assert table["scoring"] == {"critical_layers": [1]}
+
+
+def test_plain_prefill_wins_unless_a_ladder_is_surely_cheaper():
+    """Each fused pass costs more than its recompute (the pass cost, charged per pass), and a ladder is shipped
+    over plain full prefill only when its mean cost plus two standard errors stays below one full prefill."""
+    assert ladder_cost((0.02, 0.1, 1.0), 0.1, 0.05) == pytest.approx(0.07 + 0.15)
+    assert ladder_cost((0.02, 0.1, 1.0), 1.0, 0.05) == pytest.approx(0.07 + 0.15 + 1.0)    # 1.0: a plain prefill
+    climbs = _tried((0.02, False, 0.1), (0.3, False, 0.1))               # every pass unsure: it climbs to the top
+    stops = _tried((0.02, True, 2.0), (0.3, True, 2.0))
+    samples = [climbs] * 10 + [stops] * 6
+    free = fit_margin_rule(samples, targets=(0.99,))[0]
+    assert free["ladder"] == [0.02, 1.0] and free["mean_share"] == pytest.approx((10 * 1.02 + 6 * 0.02) / 16, abs=1e-4)
+    assert "mean_cost" not in free                                       # pass cost 0: the share is the cost
+    cheap = fit_margin_rule(samples, targets=(0.99,), pass_cost=0.05)[0]
+    assert cheap["ladder"] == [0.02, 1.0] and cheap["mean_cost"] == pytest.approx((10 * 1.07 + 6 * 0.07) / 16, abs=1e-4)
+    dear = fit_margin_rule(samples, targets=(0.99,), pass_cost=0.3)[0]  # 0.945 on average: not surely below 1
+    assert dear["ladder"] == [1.0] and dear["mean_share"] == 1.0 and dear["mean_cost"] == 1.0
+    few = fit_margin_rule([climbs] * 3 + [stops], targets=(0.99,))[0]   # 0.77 on average, from 4 samples
+    assert few["ladder"] == [1.0]
+    # measured from logged times: the median of (pass time - ratio x full time) / full time; 0 without times
+    timed = [{"full_seconds": 10.0, "tried": [{"ratio": 0.02, "seconds": 1.2}, {"ratio": 0.3, "seconds": 4.0}]},
+             {"full_seconds": 20.0, "tried": [{"ratio": 0.02, "seconds": 2.4}, {"ratio": 0.3, "seconds": 6.6}]}]
+    assert pass_cost_of(timed) == pytest.approx(0.1)                    # of 0.1, 0.1, 0.1 and 0.03
+    assert pass_cost_of([{"tried": [{"ratio": 0.02}]}]) == 0.0
+    rows = [{"sample": str(i), "method": "qcfuse", "ratio": 0.02, "mass": 0.5, "tried": [dict(t) for t in tried],
+             "full_seconds": 10.0} for i, tried in enumerate(samples)]
+    for row in rows:
+        for t in row["tried"]:
+            t["seconds"] = t["ratio"] * 10.0 + 3.0                        # a pass costs 0.3 beside its recompute
+    table = fit_auto(rows, {"qcfuse": {}}, targets=(0.99,))["qcfuse"]
+    assert table["pass_cost"] == pytest.approx(0.3) and table["margin"][0]["ladder"] == [1.0]
+    assert fit_auto(rows, {"qcfuse": {}}, targets=(0.99,), pass_cost=0.0)["qcfuse"]["margin"][0]["ladder"] == [0.02, 1.0]
 
 
 def test_reuse_check_by_hand():
@@ -127,7 +159,7 @@ def test_reuse_check_fit_by_hand():
     assert run_ladder({t["ratio"]: t for t in overturned}, (0.02, 0.1), 1.0, reuse_token=5) == (True, pytest.approx(0.12))
     assert run_ladder({t["ratio"]: t for t in overturned}, (0.02, 0.1), 1.0, reuse_token=7) == (True, pytest.approx(0.02))
     assert run_ladder({t["ratio"]: t for t in overturned}, (0.02,), 1.0, reuse_token=5) == (True, pytest.approx(0.02))
-    samples, tokens = [easy, overturned, unsure], [7, 5, 7]
+    samples, tokens = [easy] * 8 + [overturned, unsure], [7] * 8 + [5, 7]
     plain = fit_margin_rule(samples, targets=(0.5, 0.99))
     checked = fit_margin_rule(samples, targets=(0.5, 0.99), reuse_tokens=tokens)
     assert "reuse_check" not in checked[0] and checked[0] == plain[0]
@@ -247,9 +279,16 @@ def test_calibrate_refits_from_logs(tmp_path, capsys):
     table = json.loads(out.read_text())["auto"]["qcfuse"]
     assert table["samples"] == 3 and table["margin"][-1]["ladder"] == [0.02, 0.1, 1.0]     # 0.99: exact last
     assert "margin rule for 0.99" in capsys.readouterr().out
+    assert main(["calibrate", "--from_logs", str(log), "--out", str(out), "--pass_cost", "0.5"]) == 0
+    table = json.loads(out.read_text())["auto"]["qcfuse"]
+    assert table["pass_cost"] == 0.5 and table["margin"][-1]["ladder"] == [0.1, 1.0]    # fewer, larger rungs
+    assert table["margin"][-1]["mean_cost"] == pytest.approx(0.6)
+    assert "costs 0.500 of a full prefill" in capsys.readouterr().out
     for args, message in ((["--from_logs", str(log), "--sets", "musique_s[0:1]"], "either --sets"), ([], "either --sets"),
                           (["--from_logs", str(tmp_path / "none.jsonl")], "no file"),
-                          (["--from_logs", f"{log},{log}"], "appears twice")):
+                          (["--from_logs", f"{log},{log}"], "appears twice"),
+                          (["--from_logs", str(log), "--pass_cost", "-0.1"], "within [0, 1]"),
+                          (["--from_logs", str(log), "--pass_cost", "nan"], "within [0, 1]")):
         assert main(["calibrate", *args, "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err

@@ -158,6 +158,7 @@ def test_calibration_takes_the_target_quantile(monkeypatch, smollm2_engine):
         layout = smollm2_engine.layout(sample.documents, sample.question)
         reuse = smollm2_engine.generate_layout(layout, make_selector("reuse"), 1).first_logits
         assert row["reuse_token"] == int(reuse.argmax())
+        assert row["full_seconds"] > 0                   # full prefill's time, for the pass cost
 
 
 @pytest.mark.parametrize("args,message", [
