@@ -3,7 +3,8 @@ side by side on a noisy machine: run it alternately from each, e.g.
 
     for w in . ../old; do PYTHONPATH=$w .venv/bin/python scripts/time_requests.py --label $w; done
 
-SmolLM2-135M, a random 4K-token RAG prompt, chunk caches in memory.
+SmolLM2-135M by default (--model), a random 4K-token RAG prompt, chunk caches in memory. A method is
+NAME@RATIO, RATIO a number or auto[:TARGET], e.g. qcfuse@auto:0.99.
 """
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ from qcfuse.fusion import make_selector
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--label", default="")
+    ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--runs", type=int, default=4, help="timed runs after the warm-up, per method")
     ap.add_argument("--methods", default="epic@0.15,qcfuse@0.15,reuse@0")
     args = ap.parse_args()
-    model = load_model("smollm2-135m", quiet=True)
+    model = load_model(args.model, quiet=True)
     engine = FusionEngine(model)
     layout = random_layout(args.tokens, model.hf.config.vocab_size, 512, args.tokens)
     engine.prepare_layout(layout)
@@ -33,7 +35,8 @@ def main() -> None:
         ttft, selection = [], []
         for i in range(args.runs + 1):
             t0 = time.perf_counter()
-            _, stats = engine.prefill(layout, make_selector(method, float(ratio or 0)), 1)
+            spec_ratio = ratio if ratio.startswith("auto") else float(ratio or 0)
+            _, stats = engine.prefill(layout, make_selector(method, spec_ratio), 1)
             if i:                                    # the first run is the warm-up
                 ttft.append(time.perf_counter() - t0)
                 selection.append(stats["selection_s"])
