@@ -97,6 +97,39 @@ def test_encoded_tiers_fetch_one_layer_alone(tmp_path, redis_tier):
         assert one_layer <= reader.bytes_read < one_layer + 1024, tier.name
 
 
+def test_encoded_tiers_decode_a_group_straight_into_one_tensor(tmp_path, redis_tier, monkeypatch):
+    """A group of layers comes back exactly as stored, decoded into one [G, Hkv, n, D] tensor (no per-layer
+    tensors stacked after), counted in bytes_read; a bad part anywhere in the group is a corrupt entry."""
+    from qcfuse.cache import codec
+    from qcfuse.cache import store as store_module
+    entry = _entry(n=32)
+    bf16 = ChunkKV(entry.k.bfloat16(), entry.v.bfloat16(), entry.extras)
+    for tier in (DiskTier(tmp_path / "kv"), redis_tier):
+        for key, stored in (("k32", entry), ("k16", bf16)):
+            tier.put(key, FP, stored)
+            reader = tier.open(key, FP)
+            monkeypatch.setattr(store_module, "decode_layer", None)      # the group path must not take it
+            k, v = reader.layers(1, 4)
+            monkeypatch.undo()
+            assert k.dtype == stored.k.dtype and k.shape == (3, 2, 32, 8), tier.name
+            assert torch.equal(k, stored.k[1:4]) and torch.equal(v, stored.v[1:4]), tier.name
+            one_layer = stored.k[0].numel() * stored.k.element_size() * 2
+            assert 3 * one_layer <= reader.bytes_read < 3 * one_layer + 3 * 1024
+            with pytest.raises(IndexError):
+                reader.layers(2, 5)
+    blobs = codec.encode_entry("k", FP, entry)
+    good = [blobs[codec.layer_part(layer)] for layer in range(3)]
+    other = codec.encode_tensors({"k": torch.zeros(2, 31, 8), "v": torch.zeros(2, 31, 8)})   # another length
+    halves = codec.encode_tensors({"k": torch.zeros(2, 32, 8).half(), "v": torch.zeros(2, 32, 8).half()})
+    flipped = bytearray(good[1])
+    flipped[-5] ^= 0x10
+    for bad in (other, halves, bytes(flipped), good[1][: len(good[1]) // 2], b"junk"):
+        with pytest.raises(CorruptEntry):
+            codec.decode_layers([good[0], bad, good[2]], 32)
+    with pytest.raises(CorruptEntry):
+        codec.decode_layers(good, 31)
+
+
 def test_foreign_model_entry_is_refused(tier):
     tier.put("k1", FP, _entry())
     with pytest.raises(CorruptEntry, match="another model"):
@@ -128,6 +161,14 @@ def test_write_through_and_promotion(tmp_path, redis_tier):
     assert _same(TieredStore([memory]).get("k1", FP), entry)
     assert _same(TieredStore([disk]).get("k1", FP), entry)
     assert store.open("k1", FP).tier == "memory"
+
+    memory.clear(), disk.clear()                    # read in groups, as the loader reads, it is promoted too
+    reader = store.open("k1", FP)
+    reader.layer(1)
+    k, _ = reader.layers(0, 2)
+    assert torch.equal(k, entry.k[0:2]) and memory.open("k1", FP) is None
+    reader.layers(2, 4)
+    assert _same(TieredStore([memory]).get("k1", FP), entry) and _same(TieredStore([disk]).get("k1", FP), entry)
 
 
 def test_memory_tier_is_lru_bounded_in_bytes():

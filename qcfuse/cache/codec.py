@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 
 import safetensors.torch
 import torch
@@ -17,6 +18,7 @@ from .kv import ChunkKV
 
 FORMAT_VERSION = 1
 _PLACEHOLDER = "0" * 16                   # an xxh3-64 digest in hex is 16 characters
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 class CorruptEntry(Exception):
@@ -43,15 +45,20 @@ def decode_tensors(blob: bytes | memoryview | None) -> dict[str, torch.Tensor]:
     if blob is None:
         raise CorruptEntry("part missing")
     try:
-        header = _header(blob)
-        expected = header.get("__metadata__", {}).get("xxh3")
-        if expected is None or xxhash.xxh3_64_hexdigest(_data_section(blob)) != expected:
-            raise CorruptEntry("checksum mismatch")
+        _verified_header(blob)
         return safetensors.torch.load(bytes(blob))
     except CorruptEntry:
         raise
     except Exception as exc:   # truncated or garbled header: safetensors/json/struct errors
         raise CorruptEntry(f"unreadable part ({type(exc).__name__})") from None
+
+
+def _verified_header(blob) -> dict:
+    header = _header(blob)
+    expected = header.get("__metadata__", {}).get("xxh3")
+    if expected is None or xxhash.xxh3_64_hexdigest(_data_section(blob)) != expected:
+        raise CorruptEntry("checksum mismatch")
+    return header
 
 
 def encode_meta(key: str, fingerprint: str, entry: ChunkKV) -> bytes:
@@ -97,6 +104,38 @@ def decode_layer(blob, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     if k is None or v is None or k.shape[1] != n_tokens or v.shape[1] != n_tokens:
         raise CorruptEntry("layer shape does not match the entry")
     return k, v
+
+
+def decode_layers(blobs: list, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several layer parts straight into one [G, Hkv, n, D] tensor each for K and V: each part's data is
+    copied once, from its bytes into its slice (decode_layer, then a stack, would copy it twice)."""
+    try:
+        parts = [(_verified_header(blob), _data_section(blob)) for blob in blobs]
+        first = parts[0][0]["k"]
+        k = torch.empty((len(parts), *first["shape"]), dtype=_DTYPES[first["dtype"]])
+        v = torch.empty_like(k)
+        if k.dim() != 4 or k.shape[2] != n_tokens:
+            raise CorruptEntry("layer shape does not match the entry")
+        for i, (header, data) in enumerate(parts):
+            _copy_into(k[i], header["k"], data)
+            _copy_into(v[i], header["v"], data)
+        return k, v
+    except CorruptEntry:
+        raise
+    except Exception as exc:   # a garbled header: missing names, unknown dtypes, bad offsets
+        raise CorruptEntry(f"unreadable part ({type(exc).__name__})") from None
+
+
+def _copy_into(out: torch.Tensor, info: dict, data) -> None:
+    """One safetensors tensor of a verified part into `out`, which it must match exactly."""
+    start, stop = info["data_offsets"]
+    if (_DTYPES.get(info["dtype"]) != out.dtype or list(info["shape"]) != list(out.shape)
+            or stop - start != out.numel() * out.element_size() or not 0 <= start <= stop <= len(data)):
+        raise CorruptEntry("layer shape does not match the entry")
+    if out.numel():
+        with warnings.catch_warnings():          # a read-only view of the bytes, copied from at once
+            warnings.simplefilter("ignore", UserWarning)
+            out.copy_(torch.frombuffer(data, dtype=out.dtype, count=out.numel(), offset=start).view(out.shape))
 
 
 def _header(blob) -> dict:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .codec import CorruptEntry, decode_layer, decode_meta, decode_tensors, layer_part
+from .codec import CorruptEntry, decode_layer, decode_layers, decode_meta, decode_tensors, layer_part
 from .kv import ChunkKV
 
 log = logging.getLogger("qcfuse.cache")
@@ -181,6 +181,11 @@ class BlobReader(EntryReader):
             raise IndexError(layer)
         return decode_layer(self._blob(layer_part(layer)), self.n_tokens)
 
+    def layers(self, start, stop):
+        if not 0 <= start < stop <= self.n_layers:
+            raise IndexError((start, stop))
+        return decode_layers([self._blob(layer_part(layer)) for layer in range(start, stop)], self.n_tokens)
+
 
 def open_blob_entry(tier: str, key: str, fingerprint: str, fetch) -> EntryReader | None:
     meta = fetch("meta")
@@ -214,11 +219,19 @@ class _PromotingReader(EntryReader):
 
     def layer(self, layer):
         kv = self._layers.get(layer) or self.reader.layer(layer)
-        self._layers[layer] = kv
+        self._keep({layer: kv})
+        return kv
+
+    def layers(self, start, stop):
+        k, v = self.reader.layers(start, stop)
+        self._keep({layer: (k[i], v[i]) for i, layer in enumerate(range(start, stop))})
+        return k, v
+
+    def _keep(self, layers: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self._layers.update(layers)
         if len(self._layers) == self.n_layers:
             self._promote(_whole_entry([self._layers[l] for l in range(self.n_layers)], self.query()))
             self._promote = lambda entry: None
-        return kv
 
 
 @dataclass
