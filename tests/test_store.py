@@ -4,9 +4,11 @@ Store-level tests use small random entries; engine-level tests use the real defa
 fault never changes the answer. Redis is the real server (started by .ci/run; a private one when absent).
 """
 import errno
+import json
 import logging
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -128,6 +130,14 @@ def test_encoded_tiers_decode_a_group_straight_into_one_tensor(tmp_path, redis_t
             codec.decode_layers([good[0], bad, good[2]], 32)
     with pytest.raises(CorruptEntry):
         codec.decode_layers(good, 31)
+    # a header (outside the checksum) that claims a huge shape is refused, checked before anything is allocated
+    (n,) = struct.unpack("<Q", good[0][:8])
+    header = json.loads(good[0][8:8 + n])
+    header["k"]["shape"] = [10 ** 6, 32, 10 ** 6]
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with pytest.raises(CorruptEntry):
+        codec.decode_layers([struct.pack("<Q", len(text)) + text + good[0][8 + n:]], 32)
 
 
 def test_foreign_model_entry_is_refused(tier):

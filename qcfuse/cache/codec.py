@@ -7,6 +7,7 @@ read; anything that does not verify raises CorruptEntry and the store treats the
 from __future__ import annotations
 
 import json
+import math
 import struct
 import warnings
 
@@ -111,11 +112,12 @@ def decode_layers(blobs: list, n_tokens: int) -> tuple[torch.Tensor, torch.Tenso
     copied once, from its bytes into its slice (decode_layer, then a stack, would copy it twice)."""
     try:
         parts = [(_verified_header(blob), _data_section(blob)) for blob in blobs]
-        first = parts[0][0]["k"]
-        k = torch.empty((len(parts), *first["shape"]), dtype=_DTYPES[first["dtype"]])
-        v = torch.empty_like(k)
-        if k.dim() != 4 or k.shape[2] != n_tokens:
+        first = parts[0][0]["k"]                 # checked against its bytes before anything is allocated
+        shape, dtype, (start, stop) = [int(x) for x in first["shape"]], _DTYPES[first["dtype"]], first["data_offsets"]
+        if len(shape) != 3 or shape[1] != n_tokens or stop - start != math.prod(shape) * dtype.itemsize:
             raise CorruptEntry("layer shape does not match the entry")
+        k = torch.empty((len(parts), *shape), dtype=dtype)
+        v = torch.empty_like(k)
         for i, (header, data) in enumerate(parts):
             _copy_into(k[i], header["k"], data)
             _copy_into(v[i], header["v"], data)
