@@ -135,6 +135,7 @@ def test_needed_share_is_the_smallest_grid_ratio_that_keeps_the_first_token(smol
         agrees = int(fused.first_logits.argmax()) == int(full.argmax())
         assert agrees == (ratio == found["ratio"]), ratio
         assert found["tried"][grid.index(ratio)]["token"] == int(fused.first_logits.argmax())   # the reuse check's
+        assert found["tried"][grid.index(ratio)]["seconds"] > 0                                  # the pass cost's
     assert found["mass"] == pytest.approx(mass_of_top(scores, int(round(found["ratio"] * layout.n_doc_tokens))),
                                           abs=1e-5)
 

@@ -16,7 +16,8 @@ Two rules, both calibrated by `qcfuse calibrate` on samples kept out of what is 
   attention (the scores sum to 1): the per-sample share that kept the first token, at its t-quantile over the
   calibration set. One pass, but the share a task needs varies by task more than by request.
 
-Both are bounded by [min_ratio, max_ratio] of the document tokens.
+Both are bounded by [min_ratio, max_ratio] of the document tokens. A pass that recomputes every document token
+(`everything`) runs as plain full prefill: the engine reads no chunk cache for it.
 """
 from __future__ import annotations
 
