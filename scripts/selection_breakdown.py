@@ -4,12 +4,14 @@ Random weights in a shipped shape, chunk caches in pinned host memory (as `qcfus
 Per context length, in one process:
   1. TTFT and selection of each variant, in interleaved rounds (the order rotates each round; medians), so
      that drift between methods is not read as a difference. Variants: reuse, ProphetKV / FuseRAG / QCFuse at
-     one ratio, QCFuse with the loader started before selection (does streaming slow selection?), and
-     QCFuse at 0.02 with and without the reuse shadow (ratio auto's first pass, with the check and without),
-     and reuse / QCFuse with transformers' RMSNorm modules instead of model/norm.py's fused kernel.
-  2. QCFuse's selection in phases, each closed by a sync of the compute stream (staging copies, the
+     one ratio, QCFuse with its question pass eager instead of a replayed CUDA graph, and QCFuse at 0.02 with
+     and without the reuse shadow (ratio auto's first pass, with the check and without). --extra_variants adds
+     QCFuse with the loader started before selection (does streaming slow selection?) and reuse / QCFuse with
+     transformers' RMSNorm modules instead of model/norm.py's fused kernel.
+  2. The graph against the eager pass on one request: same selection, logits' difference.
+  3. QCFuse's selection in phases, each closed by a sync of the compute stream (staging copies, the
      question's pass and scoring, the top-k read), with the host's enqueue time of each beside it.
-  3. One QCFuse and one ProphetKV request under torch.profiler: tables by host time and by device time, and
+  4. One QCFuse and one ProphetKV request under torch.profiler: tables by host time and by device time, and
      a gzipped Chrome trace per request.
 
     PYTHONPATH=. python3 scripts/selection_breakdown.py --tokens 4096,32768 --out $OUT
@@ -21,6 +23,7 @@ import contextlib
 import functools
 import gzip
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -32,7 +35,7 @@ import torch
 from qcfuse.bench.run import _hf_prefill, _store, _warm_up, interleaved, load_config, random_layout, random_model
 from qcfuse.cache.loader import LayerLoader
 from qcfuse.engine import FusionEngine
-from qcfuse.fusion import make_selector
+from qcfuse.fusion import graphs, make_selector
 from qcfuse.fusion import qcfuse as qcfuse_mod
 from qcfuse.fusion import selector as selector_mod
 from qcfuse.fusion.fuse import synchronize
@@ -40,18 +43,22 @@ from qcfuse.fusion.selector import ReusedKV, Selector
 from qcfuse.model import transformer as transformer_mod
 
 
-def variants(ratio: float) -> dict:
-    """name -> (method, ratio, how): how is None, or one of patched()'s."""
-    return {"transformers full prefill": (None, None, None),
-            "reuse": ("reuse", 0.0, None),
-            "reuse, transformers' RMSNorm": ("reuse", 0.0, "hf norm"),
-            f"prophetkv {ratio:g}": ("prophetkv", ratio, None),
-            f"fuserag {ratio:g}": ("fuserag", ratio, None),
-            f"qcfuse {ratio:g}": ("qcfuse", ratio, None),
-            f"qcfuse {ratio:g}, transformers' RMSNorm": ("qcfuse", ratio, "hf norm"),
-            f"qcfuse {ratio:g}, loader started before selection": ("qcfuse", ratio, "eager"),
-            "qcfuse 0.02": ("qcfuse", 0.02, None),
-            "qcfuse 0.02 + reuse shadow": ("qcfuse", 0.02, "shadow")}
+def variants(ratio: float, extra: bool = False) -> dict:
+    """name -> (method, ratio, how): how is None, or one of patched()'s. extra: also the loader and RMSNorm
+    variants that the runs of 2026-11-26 settled."""
+    table = {"transformers full prefill": (None, None, None),
+             "reuse": ("reuse", 0.0, None),
+             f"prophetkv {ratio:g}": ("prophetkv", ratio, None),
+             f"fuserag {ratio:g}": ("fuserag", ratio, None),
+             f"qcfuse {ratio:g}": ("qcfuse", ratio, None),
+             f"qcfuse {ratio:g}, question pass eager (no CUDA graph)": ("qcfuse", ratio, "no graph"),
+             "qcfuse 0.02": ("qcfuse", 0.02, None),
+             "qcfuse 0.02 + reuse shadow": ("qcfuse", 0.02, "shadow")}
+    if extra:
+        table |= {"reuse, transformers' RMSNorm": ("reuse", 0.0, "hf norm"),
+                  f"qcfuse {ratio:g}, transformers' RMSNorm": ("qcfuse", ratio, "hf norm"),
+                  f"qcfuse {ratio:g}, loader started before selection": ("qcfuse", ratio, "eager")}
+    return table
 
 
 @contextlib.contextmanager
@@ -59,9 +66,12 @@ def patched(how: str | None):
     """'eager': the loader starts streaming before selection even from memory, as it did before the shipped
     default (from memory, start at the first full-layer read). 'shadow': every pass computes plain reuse's rows
     beside it, as ratio auto's check does. 'hf norm': every RMSNorm is transformers' module (eight operators)
-    instead of torch's fused kernel."""
+    instead of torch's fused kernel. 'no graph': QCFuse's question pass runs eagerly (QCFUSE_GRAPHS=0)."""
     saved_prefetch, saved_checks, saved_norm = LayerLoader.prefetch, Selector.checks_reuse, transformer_mod.rms_norm
-    if how == "eager":
+    saved_env = os.environ.get("QCFUSE_GRAPHS")
+    if how == "no graph":
+        os.environ["QCFUSE_GRAPHS"] = "0"
+    elif how == "eager":
         LayerLoader.prefetch = LayerLoader.start
     elif how == "shadow":
         Selector.checks_reuse = lambda self, model: True
@@ -71,6 +81,10 @@ def patched(how: str | None):
         yield
     finally:
         LayerLoader.prefetch, Selector.checks_reuse, transformer_mod.rms_norm = saved_prefetch, saved_checks, saved_norm
+        if saved_env is None:
+            os.environ.pop("QCFUSE_GRAPHS", None)
+        else:
+            os.environ["QCFUSE_GRAPHS"] = saved_env
 
 
 def timed_rounds(engine, layout, table: dict, rounds: int, hf) -> dict:
@@ -121,7 +135,7 @@ def phases(engine, layout, ratio: float, device, repeats: int) -> dict:
         if stream is not None:
             stream.synchronize()
     saved = [(ReusedKV, "stage_query", wrap(ReusedKV, "stage_query", "stage query cache (copies)", loader_stream)),
-             (qcfuse_mod, "question_scores", wrap(qcfuse_mod, "question_scores", "question pass + scoring")),
+             (qcfuse_mod, "question_pass", wrap(qcfuse_mod, "question_pass", "question pass + scoring")),
              (selector_mod, "top_positions", wrap(selector_mod, "top_positions", "top-k read"))]
     try:
         for _ in range(repeats + 1):
@@ -132,6 +146,24 @@ def phases(engine, layout, ratio: float, device, repeats: int) -> dict:
             setattr(owner, attr, fn)
     return {label: [statistics.median(x[0] for x in v[1:]), statistics.median(x[1] for x in v[1:])]
             for label, v in log.items()}
+
+
+def graph_check(engine, layout, ratio: float) -> dict:
+    """QCFuse with its question pass replayed as a graph against the eager pass, same request: the selected
+    tokens and the first-token logits (replays come from timed_rounds' earlier requests of this shape)."""
+    with patched("no graph"):
+        eager, _ = engine.prefill(layout, make_selector("qcfuse", ratio), 1)
+    before = dict(graphs.counts(engine.model.transformer))
+    graphed, _ = engine.prefill(layout, make_selector("qcfuse", ratio), 1)
+    after = graphs.counts(engine.model.transformer)
+    same = set(eager.recomputed.tolist()) & set(graphed.recomputed.tolist())
+    return {"replayed": after.get("replay", 0) > before.get("replay", 0), "counts": after,
+            "same_selection": torch.equal(eager.recomputed, graphed.recomputed),
+            "selection_overlap": len(same) / max(1, eager.recomputed.numel()),
+            "logits_max_abs_diff": (eager.logits.float() - graphed.logits.float()).abs().max().item(),
+            "same_first_token": int(eager.logits.reshape(-1, eager.logits.shape[-1])[-1].argmax())
+            == int(graphed.logits.reshape(-1, graphed.logits.shape[-1])[-1].argmax()),
+            "failures": list(graphs.FAILURES)}
 
 
 def profiled(engine, layout, method: str, ratio: float, device, out_dir: Path, tag: str) -> dict:
@@ -177,6 +209,8 @@ def main() -> None:
     p.add_argument("--chunk_tokens", type=int, default=512)
     p.add_argument("--profile_tokens", default="4096,32768",
                    help="lengths at which to profile (tables and gzipped traces); '' for none")
+    p.add_argument("--extra_variants", action="store_true",
+                   help="also the loader and RMSNorm variants (settled on 2026-11-26)")
     p.add_argument("--out", default="selection-out")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -198,7 +232,9 @@ def main() -> None:
             engine = FusionEngine(loaded, store=_store(cfg, tmp))
             engine.prepare_layout(layout, progress=False)
             t0 = time.perf_counter()
-            res = {"tokens": n, "rounds": timed_rounds(engine, layout, variants(args.ratio), args.rounds, loaded.hf)}
+            res = {"tokens": n, "rounds": timed_rounds(engine, layout, variants(args.ratio, args.extra_variants),
+                                                    args.rounds, loaded.hf)}
+            res["graph_check"] = graph_check(engine, layout, args.ratio)
             res["phases"] = phases(engine, layout, args.ratio, device, 5)
             if str(n) in args.profile_tokens.split(","):
                 res["profiles"] = {m: profiled(engine, layout, m, args.ratio, device, out_dir, f"{m}_{n}")
@@ -211,6 +247,7 @@ def main() -> None:
             for vname, d in res["rounds"].items():
                 print(f"  {vname:48s} {d['ttft']:8.1f} {d['select']:8.1f} {d['wait']:7.1f}   "
                       + " ".join(f"{t:.0f}" for t in d["ttft_all"]))
+            print(f"  graph vs eager question pass: {res['graph_check']}")
             print("  QCFuse selection in synced phases (wall ms, host enqueue ms):")
             for label, (wall, host) in res["phases"].items():
                 print(f"    {label:32s} {wall:8.1f} {host:8.1f}")

@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import torch
 
 from ..errors import QcfuseError
+from ..fusion import graphs
 from ..fusion.fuse import synchronize
 from ..fusion.qcfuse import default_critical_layers
 from ..model import attention as attention_mod
@@ -300,6 +301,9 @@ def run_bench(cfg: BenchConfig, log=print, progress: bool = True) -> dict:
             res["attention_kernels"] = _kernels_used(model, layout)
             if attention_mod.FLEX_ERRORS:
                 record["flex_errors"] = list(attention_mod.FLEX_ERRORS)
+            res["question_graphs"] = graphs.counts(model)      # QCFuse's question pass: eager / capture / replay
+            if graphs.FAILURES:
+                record["graph_errors"] = list(graphs.FAILURES)
             record["results"].append(res)
             log(format_result(res, record))
             engine.store.clear()
@@ -449,6 +453,11 @@ def format_result(res: dict, record: dict) -> str:
                      f"scattered rows {kinds['scattered rows']}")
     if record.get("flex_errors"):
         lines.append(f"  FlexAttention was given up: {record['flex_errors'][0].splitlines()[0][:300]}")
+    if res.get("question_graphs"):
+        lines.append("  QCFuse's question pass, cumulative: " + ", ".join(
+            f"{how} {n}" for how, n in sorted(res["question_graphs"].items())))
+    if record.get("graph_errors"):
+        lines.append(f"  CUDA graphs were given up: {record['graph_errors'][0].splitlines()[0][:300]}")
     lines.append(f"  {'method':<11}{'ratio':>6}{'TTFT ms':>10}{'select':>9}{'wait':>8}{'compute':>9}"
                  f"{'sel %':>7}{'vs HF':>8}{'vs full':>9}")
     for f in res["fused"]:

@@ -69,7 +69,8 @@ QUERY_ROWS = ("suffix", "question", "last", "suffix+last")   # which suffix rows
 def question_scores(model: Transformer, layout, context: Context, layers: list[int],
                     keys: Callable[[int], torch.Tensor], reduction: str = "mean", head_norm: bool = False,
                     query_rows: str = "suffix", rotated: bool = False,
-                    value_norms: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+                    value_norms: Callable[[int], torch.Tensor] | None = None,
+                    suffix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Score every document token by the attention the suffix (question + answer cue) pays it.
 
     The suffix runs through layers 0..max(layers) over context(l) (its keys after RoPE when `rotated`); at
@@ -82,12 +83,15 @@ def question_scores(model: Transformer, layout, context: Context, layers: list[i
     becomes the first answer token); "suffix+last" averages the whole suffix's and the last row's scores.
     value_norms: layer -> [Hkv, C] norms of the context's values; each probability is weighted by the norm of
     the value it reads, so a token scores by how much it moves the head's output, not only by its attention.
+    suffix: the suffix's token ids and positions, already on the device (a captured graph's inputs); by
+    default they are uploaded here.
     Returns scores [n_doc_tokens] in document-position order, on the compute device (nothing here waits for
     the GPU: the caller's top-k reads the result once).
     """
     ctx, doc0 = layout.context_len, len(layout.prefix)
     ctx_pos = torch.arange(ctx, device=model.device)
-    q_pos = upload(layout.suffix_positions(), model.device)
+    ids, q_pos = suffix if suffix is not None else (torch.tensor(layout.suffix),
+                                                    upload(layout.suffix_positions(), model.device))
     wanted = set(layers)
     last = slice(len(layout.suffix) - 1, None)
     rows = {"suffix": slice(None), "question": slice(*layout.question), "last": last,
@@ -114,5 +118,5 @@ def question_scores(model: Transformer, layout, context: Context, layers: list[i
                 s = (s + reduced(probs[:, last])) / 2
             total.add_(s)
 
-    run_probe(model, torch.tensor(layout.suffix), q_pos, context, max(layers) + 1, on_layer, rotated)
+    run_probe(model, ids, q_pos, context, max(layers) + 1, on_layer, rotated)
     return total / len(wanted)

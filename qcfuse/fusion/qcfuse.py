@@ -13,7 +13,9 @@ import math
 import torch
 
 from ..errors import QcfuseError
+from ..transfer import upload
 from .cacheblend import most_deviating
+from .graphs import replayed
 from .probe import QUERY_ROWS, attention_probs, question_scores, run_probe
 from .selector import LayerView, Selector, register
 
@@ -92,10 +94,14 @@ class QCFuse(Selector):
         layers = self.layers_for(model)
         pos, k, v = reused.anchors_upto(max(layers) + 1, self.anchor_ratio)
         k = model.rope_stacked(k, pos)            # every layer's anchors rotated at once, not one layer at a time
-        value_norms = (lambda layer: reused.layer(layer)[1].float().norm(dim=-1)) if self.value_weight else None
-        scores = question_scores(model, layout, lambda layer: (pos[layer], k[layer], v[layer]), layers,
-                                 reused.keys, self.reduction, self.head_norm, self.query_rows, rotated=True,
-                                 value_norms=value_norms)
+        if self.value_weight:                     # study option: reads full layers, so never a graph
+            value_norms = lambda layer: reused.layer(layer)[1].float().norm(dim=-1)    # noqa: E731
+            scores = question_scores(model, layout, lambda layer: (pos[layer], k[layer], v[layer]), layers,
+                                     reused.keys, self.reduction, self.head_norm, self.query_rows, rotated=True,
+                                     value_norms=value_norms)
+        else:
+            scores = question_pass(model, layout, layers, pos, k, v, {layer: reused.keys(layer) for layer in layers},
+                                   self.reduction, self.head_norm, self.query_rows)
         if self.smooth or self.chunk_heads:
             scores = scores.clone()
             doc0 = len(layout.prefix)
@@ -143,6 +149,26 @@ class QCFuse(Selector):
         entry.extras["anchor_v"] = entry.v.gather(2, gather)
         entry.extras["critical_layers"] = torch.tensor(critical, dtype=torch.int32)
         entry.extras["critical_k"] = entry.k[critical].clone()         # [|C|, Hkv, n, D]
+
+
+def question_pass(model, layout, layers: list[int], pos, k, v, critical: dict, reduction: str, head_norm: bool,
+                  query_rows: str) -> torch.Tensor:
+    """question_scores over the staged query cache: anchors (positions [A, m], keys after RoPE [A, Hkv, m, D],
+    values) and the critical layers' pre-RoPE keys. On a GPU the pass replays as a CUDA graph once its shape
+    repeats (fusion/graphs.py): it reads nothing but these tensors and the suffix, so its shape key is the
+    layout's lengths and the scoring options."""
+    device = k.device
+    inputs = {"pos": pos, "k": k, "v": v, "ids": upload(torch.tensor(layout.suffix), device),
+              "q_pos": upload(layout.suffix_positions(), device)}
+    inputs |= {f"keys{layer}": keys for layer, keys in critical.items()}
+    key = ("qcfuse question pass", tuple(layers), layout.context_len, len(layout.prefix), layout.n_doc_tokens,
+           tuple(layout.question), reduction, bool(head_norm), query_rows)
+
+    def run(pos, k, v, ids, q_pos, **keys) -> torch.Tensor:
+        return question_scores(model, layout, lambda layer: (pos[layer], k[layer], v[layer]), layers,
+                               lambda layer: keys[f"keys{layer}"], reduction, head_norm, query_rows, rotated=True,
+                               suffix=(ids, q_pos))
+    return replayed(model, key, run, inputs)
 
 
 def default_critical_layers(model, n_critical: int | None = None) -> list[int]:

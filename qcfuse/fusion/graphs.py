@@ -1,0 +1,165 @@
+"""CUDA graphs for QCFuse's question pass: replayed as one launch instead of ~2,500 operators.
+
+Why: on a GPU the pass is host-bound. The question's few rows run through ~32 layers over the staged anchor
+view: some 2,500 small operators, and on an H200 the GPU idled for most of the pass's 39-71 ms of host
+time (results/bench/h200-2026-11-26-loader.md). Everything the pass reads is staged on the device before
+it starts, and its shapes follow from the prompt's layout alone. So a graph captured for one request replays
+for the next of the same shape. A RAG service with fixed-size chunks, a fixed top-k and a fixed template sees
+few shapes.
+
+Policy, per model:
+- The first request of a shape runs eagerly. That warms its kernels up, and a shape seen once costs nothing
+  extra.
+- The second request captures a graph (on a side stream, inputs copied into buffers the graph owns) and
+  replays it. Later requests copy their inputs in and replay.
+- At most MAX_GRAPHS shapes are kept; the least recently used one goes.
+- A capture that fails turns graphs off for the process, with one warning, and the request runs eagerly.
+- Only CUDA has a backend. QCFUSE_GRAPHS=0 turns graphs off.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import weakref
+from typing import Callable
+
+import torch
+
+log = logging.getLogger("qcfuse.graphs")
+
+MAX_GRAPHS = 4          # shapes kept per model: each holds its inputs' copies and its intermediates on the GPU
+Inputs = dict[str, torch.Tensor]
+
+
+class CudaGraphs:
+    """Captures on one side stream per device; replays on the caller's stream."""
+
+    def __init__(self):
+        self._streams: dict[int, torch.cuda.Stream] = {}
+
+    def capture(self, fn: Callable[..., torch.Tensor], static: Inputs) -> Callable[[], torch.Tensor]:
+        device = next(iter(static.values())).device
+        if device.index not in self._streams:
+            self._streams[device.index] = torch.cuda.Stream(device)
+            warm_up = True              # a fresh stream: let lazy per-stream set-up (cuBLAS workspaces) run first
+        else:
+            warm_up = False
+        stream, caller = self._streams[device.index], torch.cuda.current_stream(device)
+        stream.wait_stream(caller)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream):
+            if warm_up:
+                fn(**static)
+            # thread_local: the layer loader's thread may be copying on its own stream meanwhile
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                out = fn(**static)
+            except BaseException:
+                try:
+                    graph.capture_end()
+                except Exception:       # the capture is invalid already; the first error is the one to report
+                    pass
+                raise
+            graph.capture_end()
+        caller.wait_stream(stream)
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return out
+        return replay
+
+
+BACKENDS: dict[str, object] = {"cuda": CudaGraphs()}
+
+
+class _Graph:
+    def __init__(self, static: Inputs, replay: Callable[[], torch.Tensor]):
+        self.static, self.replay = static, replay
+
+
+class GraphCache:
+    """One model's graphs, by shape key: seen once -> eager; seen again -> captured; then replayed."""
+
+    def __init__(self, backend, max_graphs: int = MAX_GRAPHS):
+        self.backend, self.max_graphs = backend, max_graphs
+        self.graphs: collections.OrderedDict[tuple, _Graph] = collections.OrderedDict()
+        self.seen: collections.OrderedDict[tuple, None] = collections.OrderedDict()
+        self.counts = collections.Counter()      # eager / capture / replay
+
+    def run(self, key: tuple, fn: Callable[..., torch.Tensor], inputs: Inputs) -> torch.Tensor:
+        key = (key, tuple((name, tuple(t.shape), t.dtype, t.device) for name, t in sorted(inputs.items())))
+        graph = self.graphs.get(key)
+        if graph is not None:
+            self.graphs.move_to_end(key)
+            for name, t in inputs.items():
+                graph.static[name].copy_(t)
+            self.counts["replay"] += 1
+            return graph.replay().clone()         # the next replay overwrites the graph's own output
+        if key not in self.seen:
+            self.seen[key] = None
+            while len(self.seen) > 8 * self.max_graphs:
+                self.seen.popitem(last=False)
+            self.counts["eager"] += 1
+            return fn(**inputs)
+        static = {name: t.clone() for name, t in inputs.items()}
+        replay = self.backend.capture(fn, static)
+        self.graphs[key] = _Graph(static, replay)
+        while len(self.graphs) > self.max_graphs:
+            self.graphs.popitem(last=False)
+        self.counts["capture"] += 1
+        return replay().clone()
+
+
+_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()      # model -> GraphCache
+FAILURES: list[str] = []       # why graphs were given up in this process (the benchmark records it)
+
+
+def enabled(device: torch.device) -> bool:
+    return (device.type in BACKENDS and not FAILURES
+            and os.environ.get("QCFUSE_GRAPHS", "1").strip().lower() not in ("0", "false", "off", "no"))
+
+
+def replayed(model, key: tuple, fn: Callable[..., torch.Tensor], inputs: Inputs) -> torch.Tensor:
+    """fn(**inputs), through model's graph cache when the device has graphs. fn must compute its result from
+    `inputs` and from what `key` names alone (shapes are added to the key here), must not read anything back
+    to the host, and must not copy from the host: a captured graph bakes in every other tensor it touches."""
+    device = next(iter(inputs.values())).device
+    if not enabled(device):
+        return fn(**inputs)
+    cache = _caches.get(model)
+    if cache is None:
+        cache = _caches[model] = GraphCache(BACKENDS[device.type])
+    try:
+        with _isolated_rope(model):
+            return cache.run(key, fn, inputs)
+    except Exception as exc:               # e.g. an operator that cannot be captured: eager from now on
+        FAILURES.append(f"{type(exc).__name__}: {str(exc)[:2000]}")
+        cache.graphs.clear()
+        log.warning("qcfuse: capturing the question pass as a CUDA graph failed (%s: %s); running it eagerly "
+                    "from now on", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return fn(**inputs)
+
+
+def counts(model) -> dict:
+    """How the question pass ran on `model` so far: eager / capture / replay counts."""
+    cache = _caches.get(model)
+    return dict(cache.counts) if cache is not None else {}
+
+
+class _isolated_rope:
+    """RoPE remembers the angles of its last few position tensors (model/rope.py). Inside a capture that memo
+    must neither serve tensors from outside the graph (the graph would bake in memory it does not own) nor keep
+    the graph's own tensors for eager code after it: it is emptied on entry and restored on exit."""
+
+    def __init__(self, model):
+        self.ropes = list({id(layer.rope): layer.rope for layer in model.spec.layers}.values())
+
+    def __enter__(self):
+        self.saved = [rope._recent for rope in self.ropes]
+        for rope in self.ropes:
+            rope._recent = []
+
+    def __exit__(self, *exc):
+        for rope, saved in zip(self.ropes, self.saved):
+            rope._recent = saved
