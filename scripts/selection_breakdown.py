@@ -4,7 +4,8 @@ Random weights in a shipped shape, chunk caches in pinned host memory (as `qcfus
 Per context length, in one process:
   1. TTFT and selection of each variant, in interleaved rounds (the order rotates each round; medians), so
      that drift between methods is not read as a difference. Variants: reuse, ProphetKV / FuseRAG / QCFuse at
-     one ratio, QCFuse with its question pass eager instead of a replayed CUDA graph, and QCFuse at 0.02 with
+     one ratio, QCFuse with its question pass eager instead of a replayed CUDA graph, QCFuse on prompts of a
+     different length on each request (both ways: they pad to one graph shape), and QCFuse at 0.02 with
      and without the reuse shadow (ratio auto's first pass, with the check and without). --extra_variants adds
      QCFuse with the loader started before selection (does streaming slow selection?) and reuse / QCFuse with
      transformers' RMSNorm modules instead of model/norm.py's fused kernel.
@@ -52,6 +53,8 @@ def variants(ratio: float, extra: bool = False) -> dict:
              f"fuserag {ratio:g}": ("fuserag", ratio, None),
              f"qcfuse {ratio:g}": ("qcfuse", ratio, None),
              f"qcfuse {ratio:g}, question pass eager (no CUDA graph)": ("qcfuse", ratio, "no graph"),
+             f"qcfuse {ratio:g}, a prompt of another length each request": ("qcfuse", ratio, "varied"),
+             f"qcfuse {ratio:g}, the same prompts, no CUDA graph": ("qcfuse", ratio, "varied no graph"),
              "qcfuse 0.02": ("qcfuse", 0.02, None),
              "qcfuse 0.02 + reuse shadow": ("qcfuse", 0.02, "shadow")}
     if extra:
@@ -69,7 +72,7 @@ def patched(how: str | None):
     instead of torch's fused kernel. 'no graph': QCFuse's question pass runs eagerly (QCFUSE_GRAPHS=0)."""
     saved_prefetch, saved_checks, saved_norm = LayerLoader.prefetch, Selector.checks_reuse, transformer_mod.rms_norm
     saved_env = os.environ.get("QCFUSE_GRAPHS")
-    if how == "no graph":
+    if how is not None and how.endswith("no graph"):
         os.environ["QCFUSE_GRAPHS"] = "0"
     elif how == "eager":
         LayerLoader.prefetch = LayerLoader.start
@@ -87,12 +90,27 @@ def patched(how: str | None):
             os.environ["QCFUSE_GRAPHS"] = saved_env
 
 
-def timed_rounds(engine, layout, table: dict, rounds: int, hf) -> dict:
-    """TTFT, selection and load wait (ms) of every variant, rounds interleaved (medians, and every TTFT)."""
+def shorter(layout, i: int):
+    """layout with its last chunk 5*i tokens shorter and its suffix i tokens shorter: another prompt length
+    that pads to the same graph shape as layout (fusion/graphs.py)."""
+    from qcfuse.prompt import PromptLayout
+    suffix = layout.suffix[:len(layout.suffix) - i]
+    return PromptLayout(layout.prefix, layout.chunks[:-1] + [layout.chunks[-1][:len(layout.chunks[-1]) - 5 * i]],
+                        suffix, (layout.question[0], min(layout.question[1], len(suffix))))
+
+
+def timed_rounds(engine, layout, table: dict, rounds: int, hf, varied: list | None = None) -> dict:
+    """TTFT, selection and load wait (ms) of every variant, rounds interleaved (medians, and every TTFT).
+    Variants whose `how` starts with 'varied' take the next prompt of `varied` on each request."""
     device = engine.model.transformer.device
     ids = layout.ids.to(device)
+    turns = {}
 
     def run(method, ratio, how) -> dict:
+        if how is not None and how.startswith("varied"):
+            turns[how] = turns.get(how, -1) + 1
+            with patched(how):
+                return engine.prefill(varied[turns[how] % len(varied)], make_selector(method, ratio), 1)[1]
         if method is None:                               # transformers' own forward
             synchronize(device)
             t0 = time.perf_counter()
@@ -149,15 +167,16 @@ def phases(engine, layout, ratio: float, device, repeats: int) -> dict:
 
 
 def graph_check(engine, layout, ratio: float) -> dict:
-    """QCFuse with its question pass replayed as a graph against the eager pass, same request: the selected
-    tokens and the first-token logits (replays come from timed_rounds' earlier requests of this shape)."""
+    """QCFuse with its question pass replayed as a graph (padded to its bucket) against the eager, unpadded
+    pass, same request: the selected tokens and the first-token logits (the replay comes from timed_rounds'
+    earlier requests of this shape)."""
     with patched("no graph"):
         eager, _ = engine.prefill(layout, make_selector("qcfuse", ratio), 1)
     before = dict(graphs.counts(engine.model.transformer))
     graphed, _ = engine.prefill(layout, make_selector("qcfuse", ratio), 1)
     after = graphs.counts(engine.model.transformer)
     same = set(eager.recomputed.tolist()) & set(graphed.recomputed.tolist())
-    return {"replayed": after.get("replay", 0) > before.get("replay", 0), "counts": after,
+    return {"replayed": after.get("replay", 0) > before.get("replay", 0), "graphs": graphs.stats(engine.model.transformer),
             "same_selection": torch.equal(eager.recomputed, graphed.recomputed),
             "selection_overlap": len(same) / max(1, eager.recomputed.numel()),
             "logits_max_abs_diff": (eager.logits.float() - graphed.logits.float()).abs().max().item(),
@@ -231,9 +250,13 @@ def main() -> None:
             layout = random_layout(n, loaded.hf.config.vocab_size, args.chunk_tokens, n)
             engine = FusionEngine(loaded, store=_store(cfg, tmp))
             engine.prepare_layout(layout, progress=False)
+            varied = [shorter(layout, i) for i in range(1, 5)]
+            for v in varied:
+                engine.prepare_layout(v, progress=False)
             t0 = time.perf_counter()
             res = {"tokens": n, "rounds": timed_rounds(engine, layout, variants(args.ratio, args.extra_variants),
-                                                    args.rounds, loaded.hf)}
+                                                    args.rounds, loaded.hf, varied),
+                   "varied_lengths": [[v.context_len, len(v.suffix)] for v in varied]}
             res["graph_check"] = graph_check(engine, layout, args.ratio)
             res["phases"] = phases(engine, layout, args.ratio, device, 5)
             if str(n) in args.profile_tokens.split(","):
@@ -243,9 +266,9 @@ def main() -> None:
             record["results"].append(res)
             print(f"\n{n} tokens, {record['device']}, critical layers {record['critical_layers']}: "
                   f"median of {args.rounds} interleaved rounds")
-            print(f"  {'variant':48s} {'TTFT':>8s} {'select':>8s} {'wait':>7s}   all TTFTs")
+            print(f"  {'variant':58s} {'TTFT':>8s} {'select':>8s} {'wait':>7s}   all TTFTs")
             for vname, d in res["rounds"].items():
-                print(f"  {vname:48s} {d['ttft']:8.1f} {d['select']:8.1f} {d['wait']:7.1f}   "
+                print(f"  {vname:58s} {d['ttft']:8.1f} {d['select']:8.1f} {d['wait']:7.1f}   "
                       + " ".join(f"{t:.0f}" for t in d["ttft_all"]))
             print(f"  graph vs eager question pass: {res['graph_check']}")
             print("  QCFuse selection in synced phases (wall ms, host enqueue ms):")

@@ -14,13 +14,19 @@ Policy, per model:
   replays it. Later requests copy their inputs in and replay.
 - At most MAX_GRAPHS shapes are kept; the least recently used one goes.
 - A capture that fails turns graphs off for the process, with one warning, and the request runs eagerly.
-- Only CUDA has a backend. QCFUSE_GRAPHS=0 turns graphs off.
+- Only CUDA has a backend. QCFUSE_GRAPHS=0 turns graphs off; QCFUSE_GRAPHS=N keeps N shapes instead.
+
+Memory: each kept shape holds copies of its inputs and its own pool of intermediates on the GPU (`stats()`
+says how much; on Qwen3-8B's shape at 32K tokens, about the query cache's size and the scoring's fp32
+attention maps). Shapes are never shared between threads' concurrent requests: one model's graphs replay one
+at a time, and each caller gets a copy of the output.
 """
 from __future__ import annotations
 
 import collections
 import logging
 import os
+import threading
 import weakref
 from typing import Callable
 
@@ -46,6 +52,7 @@ class CudaGraphs:
         else:
             warm_up = False
         stream, caller = self._streams[device.index], torch.cuda.current_stream(device)
+        reserved = torch.cuda.memory_reserved(device)
         stream.wait_stream(caller)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream):
@@ -67,6 +74,7 @@ class CudaGraphs:
         def replay() -> torch.Tensor:
             graph.replay()
             return out
+        replay.pool_bytes = torch.cuda.memory_reserved(device) - reserved      # the graph's own pool, about
         return replay
 
 
@@ -76,6 +84,7 @@ BACKENDS: dict[str, object] = {"cuda": CudaGraphs()}
 class _Graph:
     def __init__(self, static: Inputs, replay: Callable[[], torch.Tensor]):
         self.static, self.replay = static, replay
+        self.nbytes = sum(t.numel() * t.element_size() for t in static.values()) + getattr(replay, "pool_bytes", 0)
 
 
 class GraphCache:
@@ -86,8 +95,13 @@ class GraphCache:
         self.graphs: collections.OrderedDict[tuple, _Graph] = collections.OrderedDict()
         self.seen: collections.OrderedDict[tuple, None] = collections.OrderedDict()
         self.counts = collections.Counter()      # eager / capture / replay
+        self.lock = threading.Lock()
 
     def run(self, key: tuple, fn: Callable[..., torch.Tensor], inputs: Inputs) -> torch.Tensor:
+        with self.lock:
+            return self._run(key, fn, inputs)
+
+    def _run(self, key: tuple, fn: Callable[..., torch.Tensor], inputs: Inputs) -> torch.Tensor:
         key = (key, tuple((name, tuple(t.shape), t.dtype, t.device) for name, t in sorted(inputs.items())))
         graph = self.graphs.get(key)
         if graph is not None:
@@ -115,9 +129,29 @@ _caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()      # model ->
 FAILURES: list[str] = []       # why graphs were given up in this process (the benchmark records it)
 
 
+def bucket(n: int, min_step: int) -> int:
+    """n rounded up to one of eight sizes per octave (so by at most 12.5%), in steps of at least min_step: the
+    sizes a padded shape takes, so prompts a few tokens apart share a graph."""
+    step = max(min_step, 1 << max(0, n.bit_length() - 4))
+    return -(-n // step) * step
+
+
+def _setting() -> int:
+    """QCFUSE_GRAPHS: how many shapes to keep per model (0 or off: no graphs)."""
+    raw = os.environ.get("QCFUSE_GRAPHS", "").strip().lower()
+    if raw in ("", "1", "on", "true", "yes"):
+        return MAX_GRAPHS
+    if raw in ("0", "off", "false", "no"):
+        return 0
+    try:
+        return max(0, int(raw))
+    except ValueError:
+        log.warning("qcfuse: QCFUSE_GRAPHS=%r is not a number or on/off; using %d shapes", raw, MAX_GRAPHS)
+        return MAX_GRAPHS
+
+
 def enabled(device: torch.device) -> bool:
-    return (device.type in BACKENDS and not FAILURES
-            and os.environ.get("QCFUSE_GRAPHS", "1").strip().lower() not in ("0", "false", "off", "no"))
+    return device.type in BACKENDS and not FAILURES and _setting() > 0
 
 
 def replayed(model, key: tuple, fn: Callable[..., torch.Tensor], inputs: Inputs) -> torch.Tensor:
@@ -130,6 +164,7 @@ def replayed(model, key: tuple, fn: Callable[..., torch.Tensor], inputs: Inputs)
     cache = _caches.get(model)
     if cache is None:
         cache = _caches[model] = GraphCache(BACKENDS[device.type])
+    cache.max_graphs = _setting()
     try:
         with _isolated_rope(model):
             return cache.run(key, fn, inputs)
@@ -145,6 +180,15 @@ def counts(model) -> dict:
     """How the question pass ran on `model` so far: eager / capture / replay counts."""
     cache = _caches.get(model)
     return dict(cache.counts) if cache is not None else {}
+
+
+def stats(model) -> dict:
+    """counts(), the shapes kept and the GPU memory they hold (inputs' copies and pools), for the records."""
+    cache = _caches.get(model)
+    if cache is None:
+        return {}
+    return counts(model) | {"shapes_kept": len(cache.graphs),
+                            "memory_mib": round(sum(g.nbytes for g in cache.graphs.values()) / 2**20, 1)}
 
 
 class _isolated_rope:

@@ -6,6 +6,7 @@ reused cache (ProphetKV), or a compressed view of it (QCFuse's anchors).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -45,15 +46,18 @@ def run_probe(model: Transformer, ids: torch.Tensor, positions: torch.Tensor, co
 
 
 def attention_probs(model: Transformer, layer: int, q: torch.Tensor, q_pos: torch.Tensor,
-                    keys: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+                    keys: torch.Tensor, k_pos: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of queries q [H, n, D] over roped keys [Hkv, m, D]: [H, n, m] in fp32. Each key head
     serves its group of query heads in one matmul, so the keys are not copied once per query head (at 32K
-    tokens that copy was the largest tensor of a selection)."""
+    tokens that copy was the largest tensor of a selection). key_valid [m]: False hides a (filler) key."""
     n_kv, n_keys = keys.shape[0], keys.shape[1]
     grouped = q.float().reshape(n_kv, -1, q.shape[-1])                   # [Hkv, group*n, D]
     scores = (grouped @ keys.float().transpose(1, 2)).view(q.shape[0], q.shape[1], n_keys)
     scores = scores * model.spec.layers[layer].scaling
-    scores.masked_fill_(~visible(q_pos, k_pos, model.spec.layers[layer].window)[None], float("-inf"))
+    seen = visible(q_pos, k_pos, model.spec.layers[layer].window)
+    if key_valid is not None:
+        seen &= key_valid[None]
+    scores.masked_fill_(~seen[None], float("-inf"))
     return scores.softmax(dim=-1)
 
 
@@ -66,11 +70,42 @@ def top_positions(scores: torch.Tensor, positions: torch.Tensor, k: int) -> torc
 QUERY_ROWS = ("suffix", "question", "last", "suffix+last")   # which suffix rows' attention scores the documents
 
 
+@dataclass
+class PaddedRows:
+    """A question pass's suffix and context padded to bucket sizes (fusion/graphs.py), on the device: a graph
+    captured for one padded shape then replays for every prompt that pads to it. Filler rows come after the
+    suffix (causal: no real row sees them) and score nothing; filler keys are hidden."""
+    ids: torch.Tensor          # [S_b] the suffix's ids, then filler
+    positions: torch.Tensor    # [S_b] C, C+1, ...
+    weight: torch.Tensor       # [S_b] 1 for a row whose attention scores the documents (query_rows), else 0
+    last: torch.Tensor         # [S_b] 1 at the suffix's last row
+    key_valid: torch.Tensor    # [C_b] True for the context's C tokens
+
+
+def padded_rows(layout, query_rows: str, n_rows: int, n_keys: int, device) -> PaddedRows:
+    """layout's suffix padded to n_rows rows and its context to n_keys keys."""
+    n, ctx = len(layout.suffix), layout.context_len
+    if n_rows < n or n_keys < ctx:
+        raise ValueError("padding cannot shrink the suffix or the context")
+    weight, last = torch.zeros(n_rows), torch.zeros(n_rows)
+    last[n - 1] = 1.0
+    start, end = layout.question
+    if query_rows == "last":
+        weight[n - 1] = 1.0
+    elif query_rows == "question" and end > start:
+        weight[start:end] = 1.0
+    else:
+        weight[:n] = 1.0
+    ints = torch.stack([torch.tensor(layout.suffix + [0] * (n_rows - n)), torch.arange(ctx, ctx + n_rows)])
+    ints, floats = upload(ints, device), upload(torch.stack([weight, last]), device)
+    return PaddedRows(ints[0], ints[1], floats[0], floats[1], torch.arange(n_keys, device=device) < ctx)
+
+
 def question_scores(model: Transformer, layout, context: Context, layers: list[int],
                     keys: Callable[[int], torch.Tensor], reduction: str = "mean", head_norm: bool = False,
                     query_rows: str = "suffix", rotated: bool = False,
                     value_norms: Callable[[int], torch.Tensor] | None = None,
-                    suffix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                    padded: PaddedRows | None = None) -> torch.Tensor:
     """Score every document token by the attention the suffix (question + answer cue) pays it.
 
     The suffix runs through layers 0..max(layers) over context(l) (its keys after RoPE when `rotated`); at
@@ -83,39 +118,49 @@ def question_scores(model: Transformer, layout, context: Context, layers: list[i
     becomes the first answer token); "suffix+last" averages the whole suffix's and the last row's scores.
     value_norms: layer -> [Hkv, C] norms of the context's values; each probability is weighted by the norm of
     the value it reads, so a token scores by how much it moves the head's output, not only by its attention.
-    suffix: the suffix's token ids and positions, already on the device (a captured graph's inputs); by
-    default they are uploaded here.
+    padded: the pass over a padded suffix and context (keys(l) then holds C_b keys); of `layout` only the
+    prefix's length is read, so a captured pass serves every prompt of its padded shape. Scores come back for
+    C_b - prefix tokens, the filler's 0.
     Returns scores [n_doc_tokens] in document-position order, on the compute device (nothing here waits for
     the GPU: the caller's top-k reads the result once).
     """
-    ctx, doc0 = layout.context_len, len(layout.prefix)
+    doc0 = len(layout.prefix)
+    if padded is None:
+        ctx = layout.context_len
+        ids, q_pos = torch.tensor(layout.suffix), upload(layout.suffix_positions(), model.device)
+        last = slice(len(layout.suffix) - 1, None)
+        rows = {"suffix": slice(None), "question": slice(*layout.question), "last": last,
+                "suffix+last": slice(None)}[query_rows]
+        if query_rows == "question" and layout.question[1] <= layout.question[0]:
+            rows = slice(None)
+    else:                                   # every row computed; the weights say which ones score
+        ctx, ids, q_pos, rows, last = padded.key_valid.shape[0], padded.ids, padded.positions, slice(None), slice(None)
     ctx_pos = torch.arange(ctx, device=model.device)
-    ids, q_pos = suffix if suffix is not None else (torch.tensor(layout.suffix),
-                                                    upload(layout.suffix_positions(), model.device))
     wanted = set(layers)
-    last = slice(len(layout.suffix) - 1, None)
-    rows = {"suffix": slice(None), "question": slice(*layout.question), "last": last,
-            "suffix+last": slice(None)}[query_rows]
-    if query_rows == "question" and layout.question[1] <= layout.question[0]:
-        rows = slice(None)
-    total = torch.zeros(layout.n_doc_tokens, device=model.device)
+    total = torch.zeros(ctx - doc0, device=model.device)
 
-    def reduced(probs: torch.Tensor) -> torch.Tensor:         # over heads and query rows, normalized to sum 1
-        s = probs.amax(dim=(0, 1)) if reduction == "max" else probs.mean(dim=(0, 1))
+    def reduced(probs: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """Over heads and query rows (those of nonzero weight, when weighted), normalized to sum 1."""
+        if weight is None:
+            s = probs.amax(dim=(0, 1)) if reduction == "max" else probs.mean(dim=(0, 1))
+        else:
+            probs = probs * weight[None, :, None]
+            s = probs.amax(dim=(0, 1)) if reduction == "max" else probs.sum(dim=(0, 1))
         return s / s.sum().clamp_min(1e-30)
 
     def on_layer(layer: int, q: torch.Tensor) -> None:
         if layer in wanted:
             keys_roped = model.rope(layer, keys(layer), ctx_pos)
-            probs = attention_probs(model, layer, q, q_pos, keys_roped, ctx_pos)[:, rows, doc0:]
+            probs = attention_probs(model, layer, q, q_pos, keys_roped, ctx_pos,
+                                    None if padded is None else padded.key_valid)[:, rows, doc0:]
             if value_norms is not None:
                 group = model.n_heads // model.n_kv_heads
                 probs = probs * value_norms(layer)[:, None, doc0:].repeat_interleave(group, dim=0)
             if head_norm:
                 probs = probs / probs.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-            s = reduced(probs)
+            s = reduced(probs, None if padded is None else padded.weight)
             if query_rows == "suffix+last":
-                s = (s + reduced(probs[:, last])) / 2
+                s = (s + reduced(probs[:, last], None if padded is None else padded.last)) / 2
             total.add_(s)
 
     run_probe(model, ids, q_pos, context, max(layers) + 1, on_layer, rotated)

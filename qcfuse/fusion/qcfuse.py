@@ -11,18 +11,19 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import QcfuseError
-from ..transfer import upload
+from . import graphs
 from .cacheblend import most_deviating
-from .graphs import replayed
-from .probe import QUERY_ROWS, attention_probs, question_scores, run_probe
+from .probe import QUERY_ROWS, PaddedRows, attention_probs, padded_rows, question_scores, run_probe
 from .selector import LayerView, Selector, register
 
 PROBE_TEXT = "\n\nRepeat the passage above, word for word."
 N_SINKS = 4
 N_CRITICAL = 3                 # the paper's number of critical layers: used for a model without a profile
 STORED_ANCHOR_RATIO = 0.10     # anchors kept in the query cache; a larger online anchor_ratio reads full layers
+FILLER_POSITION = 1 << 30      # a padded anchor's position: after every row, so no row sees it
 
 
 @register
@@ -154,21 +155,34 @@ class QCFuse(Selector):
 def question_pass(model, layout, layers: list[int], pos, k, v, critical: dict, reduction: str, head_norm: bool,
                   query_rows: str) -> torch.Tensor:
     """question_scores over the staged query cache: anchors (positions [A, m], keys after RoPE [A, Hkv, m, D],
-    values) and the critical layers' pre-RoPE keys. On a GPU the pass replays as a CUDA graph once its shape
-    repeats (fusion/graphs.py): it reads nothing but these tensors and the suffix, so its shape key is the
-    layout's lengths and the scoring options."""
-    device = k.device
-    inputs = {"pos": pos, "k": k, "v": v, "ids": upload(torch.tensor(layout.suffix), device),
-              "q_pos": upload(layout.suffix_positions(), device)}
-    inputs |= {f"keys{layer}": keys for layer, keys in critical.items()}
-    key = ("qcfuse question pass", tuple(layers), layout.context_len, len(layout.prefix), layout.n_doc_tokens,
-           tuple(layout.question), reduction, bool(head_norm), query_rows)
+    values) and the critical layers' pre-RoPE keys {layer: [Hkv, C, D]}.
 
-    def run(pos, k, v, ids, q_pos, **keys) -> torch.Tensor:
-        return question_scores(model, layout, lambda layer: (pos[layer], k[layer], v[layer]), layers,
-                               lambda layer: keys[f"keys{layer}"], reduction, head_norm, query_rows, rotated=True,
-                               suffix=(ids, q_pos))
-    return replayed(model, key, run, inputs)
+    Where graphs run (fusion/graphs.py), the pass is padded to bucket sizes (suffix, anchors and context each
+    rounded up by at most 12.5%) and replays as a CUDA graph once its padded shape repeats, so prompts that
+    differ by a few tokens share one graph. It reads nothing but these tensors, so its key is the options and
+    the prefix's length (the shapes are added by the cache). Elsewhere it runs unpadded, as it always did."""
+    def context(pos, k, v):
+        return lambda layer: (pos[layer], k[layer], v[layer])
+    if not graphs.enabled(k.device):
+        return question_scores(model, layout, context(pos, k, v), layers, critical.__getitem__, reduction, head_norm,
+                               query_rows, rotated=True)
+    n_ctx, n_rows, n_anchors = layout.context_len, len(layout.suffix), k.shape[2]
+    ctx_b, rows_b = graphs.bucket(n_ctx, 256), graphs.bucket(n_rows, 16)
+    if max(ctx_b, n_ctx + rows_b) > model.max_positions:      # filler would run past RoPE's table
+        ctx_b, rows_b = n_ctx, n_rows
+    extra = graphs.bucket(n_anchors, 64) - n_anchors
+    padded = padded_rows(layout, query_rows, rows_b, ctx_b, k.device)
+    inputs = {"pos": F.pad(pos, (0, extra), value=FILLER_POSITION), "k": F.pad(k, (0, 0, 0, extra)),
+              "v": F.pad(v, (0, 0, 0, extra)), "ids": padded.ids, "positions": padded.positions,
+              "weight": padded.weight, "last": padded.last, "key_valid": padded.key_valid}
+    inputs |= {f"keys{layer}": F.pad(keys, (0, 0, 0, ctx_b - n_ctx)) for layer, keys in critical.items()}
+    key = ("qcfuse question pass", tuple(layers), len(layout.prefix), reduction, bool(head_norm), query_rows)
+
+    def run(pos, k, v, ids, positions, weight, last, key_valid, **keys) -> torch.Tensor:
+        return question_scores(model, layout, context(pos, k, v), layers, lambda layer: keys[f"keys{layer}"],
+                               reduction, head_norm, query_rows, rotated=True,
+                               padded=PaddedRows(ids, positions, weight, last, key_valid))
+    return graphs.replayed(model, key, run, inputs)[:layout.n_doc_tokens]
 
 
 def default_critical_layers(model, n_critical: int | None = None) -> list[int]:
