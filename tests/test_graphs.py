@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from needle import QUESTION, needle_documents
 from qcfuse.fusion import FusionInputs, ReusedKV, make_selector
 from qcfuse.fusion import graphs
+from qcfuse.fusion import qcfuse as qcfuse_mod
 from qcfuse.prompt import PromptLayout
 
 aten = torch.ops.aten
@@ -201,3 +202,28 @@ def test_the_environment_sets_how_many_shapes_are_kept(smollm2, smollm2_engine, 
     with caplog.at_level(logging.WARNING, logger="qcfuse.graphs"):
         assert graphs._setting() == graphs.MAX_GRAPHS
     assert "not a number" in caplog.text
+
+
+def test_a_capture_neither_reads_nor_leaves_ropes_remembered_angles(smollm2, smollm2_engine, layouts, backend,
+                                                                    monkeypatch):
+    """RoPE's angle memo is set aside around the pass: a graph must not bake in angles eager code computed, nor
+    leave the angles it computed (memory the graph owns) for eager code."""
+    rope = smollm2.transformer.spec.layers[0].rope
+    inside, around = [], []
+    run, replayed = graphs.GraphCache._run, graphs.replayed
+
+    def spy_run(self, *args):
+        inside.append(len(rope._recent))
+        return run(self, *args)
+
+    def spy_replayed(*args):
+        before = list(rope._recent)
+        out = replayed(*args)
+        around.append(len(before) > 0 and len(rope._recent) == len(before)
+                      and all(a is b for a, b in zip(before, rope._recent)))
+        return out
+    monkeypatch.setattr(graphs.GraphCache, "_run", spy_run)
+    monkeypatch.setattr(qcfuse_mod.graphs, "replayed", spy_replayed)
+    for _ in range(3):                                       # eager, capture, replay
+        _scores(smollm2, smollm2_engine, layouts["a"])
+    assert inside == [0, 0, 0] and around == [True, True, True]

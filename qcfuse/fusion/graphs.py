@@ -4,8 +4,8 @@ Why: on a GPU the pass is host-bound. The question's few rows run through ~32 la
 view: some 2,500 small operators, and on an H200 the GPU idled for most of the pass's 39-71 ms of host
 time (results/bench/h200-2026-11-26-loader.md). Everything the pass reads is staged on the device before
 it starts, and its shapes follow from the prompt's layout alone. So a graph captured for one request replays
-for the next of the same shape. A RAG service with fixed-size chunks, a fixed top-k and a fixed template sees
-few shapes.
+for the next of the same shape; fusion/qcfuse.py pads the pass to bucket sizes, so prompts a few tokens apart
+have one shape.
 
 Policy, per model:
 - The first request of a shape runs eagerly. That warms its kernels up, and a shape seen once costs nothing
@@ -18,12 +18,13 @@ Policy, per model:
 
 Memory: each kept shape holds copies of its inputs and its own pool of intermediates on the GPU (`stats()`
 says how much; on Qwen3-8B's shape at 32K tokens, about the query cache's size and the scoring's fp32
-attention maps). Shapes are never shared between threads' concurrent requests: one model's graphs replay one
-at a time, and each caller gets a copy of the output.
+attention maps). Threads take one model's graphs one at a time (a lock), and each caller gets a copy of the
+output, made on its stream right after the replay.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import threading
@@ -166,7 +167,7 @@ def replayed(model, key: tuple, fn: Callable[..., torch.Tensor], inputs: Inputs)
         cache = _caches[model] = GraphCache(BACKENDS[device.type])
     cache.max_graphs = _setting()
     try:
-        with _isolated_rope(model):
+        with _rope_memos_set_aside(model):
             return cache.run(key, fn, inputs)
     except Exception as exc:               # e.g. an operator that cannot be captured: eager from now on
         FAILURES.append(f"{type(exc).__name__}: {str(exc)[:2000]}")
@@ -191,19 +192,9 @@ def stats(model) -> dict:
                             "memory_mib": round(sum(g.nbytes for g in cache.graphs.values()) / 2**20, 1)}
 
 
-class _isolated_rope:
-    """RoPE remembers the angles of its last few position tensors (model/rope.py). Inside a capture that memo
-    must neither serve tensors from outside the graph (the graph would bake in memory it does not own) nor keep
-    the graph's own tensors for eager code after it: it is emptied on entry and restored on exit."""
-
-    def __init__(self, model):
-        self.ropes = list({id(layer.rope): layer.rope for layer in model.spec.layers}.values())
-
-    def __enter__(self):
-        self.saved = [rope._recent for rope in self.ropes]
-        for rope in self.ropes:
-            rope._recent = []
-
-    def __exit__(self, *exc):
-        for rope, saved in zip(self.ropes, self.saved):
-            rope._recent = saved
+@contextlib.contextmanager
+def _rope_memos_set_aside(model):
+    with contextlib.ExitStack() as stack:
+        for rope in {id(layer.rope): layer.rope for layer in model.spec.layers}.values():
+            stack.enter_context(rope.memo_set_aside())
+        yield

@@ -5,6 +5,8 @@ exact, with no accumulated rotation error.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 # RoPE variants whose frequencies do not depend on the sequence length (so position p means the same thing
@@ -62,6 +64,17 @@ class Rope:
         found = (cos, sin_folded)
         self._recent = [(positions, dtype, found)] + self._recent[:3]
         return found
+
+    @contextlib.contextmanager
+    def memo_set_aside(self):
+        """The angle memo starts empty inside the block and is restored after it. A CUDA graph capture
+        (fusion/graphs.py) must not be served angles from outside the graph (it would bake in memory it does not
+        own), nor leave its own angles behind for eager code."""
+        saved, self._recent = self._recent, []
+        try:
+            yield
+        finally:
+            self._recent = saved
 
     def _compute(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
