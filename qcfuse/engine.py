@@ -25,7 +25,7 @@ from .cache.loader import ChunkSource, LayerLoader
 from .cache.store import MemoryReader, TieredStore
 from .decoding import Answers
 from .errors import QcfuseError
-from .fusion import DEFAULT_METHOD, DEFAULT_RATIO, SELECTORS, ReusedKV, Selector, make_selector
+from .fusion import DEFAULT_METHOD, DEFAULT_RATIO, SELECTORS, ReusedKV, Selector, graphs, make_selector
 from .fusion.fuse import FuseResult, fuse, synchronize
 from .model.loader import LoadedModel
 from .prompt import PromptLayout, build_layout
@@ -177,6 +177,7 @@ class FusionEngine:
         passes, recomputed_total, selection_s, waits = 0, 0, 0.0, []
         reuse: list[int] = []           # ratio auto's reuse check: reuse's first token, once it was asked for
         first: list[FuseResult] = []
+        graph_runs = graphs.counts(model)
 
         def reuse_token() -> int:
             if not reuse:
@@ -231,6 +232,9 @@ class FusionEngine:
             "bytes_loaded": sum(getattr(s, "bytes_read", 0) for s in sources),     # every pass's reads
             "io_wait_s": io_wait_s,
             "chunks_recomputed": sum(p.source.recomputed for p in pieces),
+            # QCFuse's question pass on a GPU: how often it ran eagerly, was captured or replayed as a graph
+            "question_graph": {how: n - graph_runs.get(how, 0) for how, n in graphs.counts(model).items()
+                               if n > graph_runs.get(how, 0)},
             "new_tokens": 0,
             "decode_s": 0.0,
         }

@@ -126,11 +126,22 @@ def test_the_padded_pass_scores_as_the_unpadded_one(smollm2, smollm2_engine, lay
 
 
 def test_a_graphed_request_decodes_what_the_eager_padded_one_does(smollm2, smollm2_engine, layouts, backend):
-    layout = layouts["a"]
-    runs = [smollm2_engine.prefill(layout, make_selector("qcfuse", 0.15), 1)[0] for _ in range(3)]
+    from prometheus_client import generate_latest
+    from qcfuse.serve.metrics import ServerMetrics
+    layout, metrics = layouts["a"], ServerMetrics()
+    requests = [smollm2_engine.prefill(layout, make_selector("qcfuse", 0.15), 1) for _ in range(3)]
+    runs = [out for out, _ in requests]
     for out in runs[1:]:                                  # capture, replay against the first (eager) request
         assert torch.equal(out.logits, runs[0].logits) and torch.equal(out.recomputed, runs[0].recomputed)
     assert graphs.counts(smollm2.transformer) == {"eager": 1, "capture": 1, "replay": 1}
+    # each request's stats say how its pass ran, and the server's metrics count them
+    assert [stats["question_graph"] for _, stats in requests] == [{"eager": 1}, {"capture": 1}, {"replay": 1}]
+    for _, stats in requests + [smollm2_engine.prefill(layout, make_selector("qcfuse", 0.15), 1)]:
+        metrics.observe(stats)
+    text = generate_latest(metrics.registry).decode()
+    assert 'qcfuse_question_graph_runs_total{how="replay"} 2.0' in text
+    assert 'qcfuse_question_graph_runs_total{how="eager"} 1.0' in text
+    assert smollm2_engine.prefill(layout, make_selector("prophetkv", 0.15), 1)[1]["question_graph"] == {}
     exact, _ = _without_graphs(smollm2_engine.prefill, layout, make_selector("qcfuse", 0.15), 1)
     assert len(set(exact.recomputed.tolist()) & set(runs[0].recomputed.tolist())) >= exact.recomputed.numel() - 1
 

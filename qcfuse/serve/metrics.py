@@ -36,6 +36,9 @@ class ServerMetrics:
         self.completion_tokens = Counter("qcfuse_completion_tokens", "Tokens generated", registry=r)
         self.recomputed_tokens = Counter("qcfuse_recomputed_tokens", "Document tokens recomputed", registry=r)
         self.cached_tokens = Counter("qcfuse_cached_tokens", "Prompt tokens served from chunk caches", registry=r)
+        self.question_graph = Counter("qcfuse_question_graph_runs", "QCFuse's question passes on a GPU, by how "
+                                      "they ran: eager (a shape's first), capture, replay (a CUDA graph)",
+                                      ["how"], registry=r)
         self.ttft = Histogram("qcfuse_ttft_seconds", "Time to first token inside the engine", buckets=SECONDS,
                               registry=r)
         self.selection = Histogram("qcfuse_selection_seconds", "Time spent choosing tokens to recompute",
@@ -54,6 +57,8 @@ class ServerMetrics:
         self.completion_tokens.inc(stats.get("new_tokens", 0))
         self.recomputed_tokens.inc(stats.get("recomputed_tokens", 0))
         self.cached_tokens.inc(stats.get("cached_tokens", 0))
+        for how, n in stats.get("question_graph", {}).items():
+            self.question_graph.labels(how=how).inc(n)
         self.ttft.observe(stats.get("ttft_s", 0.0))
         self.selection.observe(stats.get("selection_s", 0.0))
 
