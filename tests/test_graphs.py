@@ -4,7 +4,8 @@ The double 'captures' by running the pass once under a guard that fails on what 
 (a read back to the host, a tensor made from host data), and 'replays' by running the captured function
 again on the captured input buffers, writing into the captured output. So a pass that read anything but
 its inputs (say, the capturing request's own suffix) would give the capturing request's scores on replay,
-and the tests below would see it. Capture on a real GPU is checked by scripts/gpu_check.sh.
+and the tests below would see it. Capture on a real GPU is checked by scripts/selection_breakdown.py (graph
+against eager pass) and by `qcfuse bench` (its record counts captures, replays and failures).
 """
 import logging
 
