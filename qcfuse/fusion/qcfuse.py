@@ -172,10 +172,10 @@ def question_pass(model, layout, layers: list[int], pos, k, v, critical: dict, r
         ctx_b, rows_b = n_ctx, n_rows
     extra = graphs.bucket(n_anchors, 64) - n_anchors
     padded = padded_rows(layout, query_rows, rows_b, ctx_b, k.device)
-    inputs = {"pos": F.pad(pos, (0, extra), value=FILLER_POSITION), "k": F.pad(k, (0, 0, 0, extra)),
-              "v": F.pad(v, (0, 0, 0, extra)), "ids": padded.ids, "positions": padded.positions,
-              "weight": padded.weight, "last": padded.last, "key_valid": padded.key_valid}
-    inputs |= {f"keys{layer}": F.pad(keys, (0, 0, 0, ctx_b - n_ctx)) for layer, keys in critical.items()}
+    inputs = {"pos": _longer(pos, extra, FILLER_POSITION), "k": _longer(k, extra), "v": _longer(v, extra),
+              "ids": padded.ids, "positions": padded.positions, "weight": padded.weight, "last": padded.last,
+              "key_valid": padded.key_valid}
+    inputs |= {f"keys{layer}": _longer(keys, ctx_b - n_ctx) for layer, keys in critical.items()}
     key = ("qcfuse question pass", tuple(layers), len(layout.prefix), reduction, bool(head_norm), query_rows)
 
     def run(pos, k, v, ids, positions, weight, last, key_valid, **keys) -> torch.Tensor:
@@ -183,6 +183,14 @@ def question_pass(model, layout, layers: list[int], pos, k, v, critical: dict, r
                                reduction, head_norm, query_rows, rotated=True,
                                padded=PaddedRows(ids, positions, weight, last, key_valid))
     return graphs.replayed(model, key, run, inputs)[:layout.n_doc_tokens]
+
+
+def _longer(t: torch.Tensor, extra: int, value: int = 0) -> torch.Tensor:
+    """t with `extra` filler tokens appended: along the last dim of positions [A, m], the token dim of keys and
+    values [.., n, D]. t itself when there is nothing to add (F.pad would copy the query cache for nothing)."""
+    if not extra:
+        return t
+    return F.pad(t, (0, extra) if t.dim() == 2 else (0, 0, 0, extra), value=value)
 
 
 def default_critical_layers(model, n_critical: int | None = None) -> list[int]:
