@@ -8,6 +8,7 @@ and the tests below would see it. Capture on a real GPU is checked by scripts/se
 against eager pass) and by `qcfuse bench` (its record counts captures, replays and failures).
 """
 import logging
+import os
 
 import pytest
 import torch
@@ -80,11 +81,15 @@ def _scores(smollm2, smollm2_engine, layout, **options):
 
 
 def _without_graphs(fn, *args, **kwargs):
-    graphs.FAILURES.append("off")
+    """fn run with graphs switched off as a user would (QCFUSE_GRAPHS=0): the exact, unpadded pass."""
+    saved = os.environ.get("QCFUSE_GRAPHS")
+    os.environ["QCFUSE_GRAPHS"] = "0"
     try:
         return fn(*args, **kwargs)
     finally:
-        graphs.FAILURES.remove("off")
+        os.environ.pop("QCFUSE_GRAPHS")
+        if saved is not None:
+            os.environ["QCFUSE_GRAPHS"] = saved
 
 
 def test_prompts_that_pad_to_one_shape_share_a_graph_and_replay_exactly(smollm2, smollm2_engine, layouts, backend):
