@@ -187,6 +187,15 @@ def _kept(tried: dict[float, dict], ratio: float) -> bool:
     return ratio >= 1.0 or tried[ratio]["agrees"]
 
 
+def _accepted_pairs(by_ratio: list[dict], first_checked: float | None,
+                    reuse_tokens: list[int] | None) -> list[tuple[float, bool]]:
+    """(margin, agrees) of every logged pass a margin could accept. With the reuse check on a ladder's first
+    rung (`first_checked`), a pass at that ratio which overturns reuse's token climbs whatever its margin, so
+    it does not count for or against a margin."""
+    return [(t["margin"], t["agrees"]) for i, r in enumerate(by_ratio) for t in r.values()
+            if first_checked is None or t["ratio"] != first_checked or t["token"] == reuse_tokens[i]]
+
+
 def _precision(pairs: list[tuple[float, bool]], min_margin: float) -> float:
     kept = [agrees for margin, agrees in pairs if margin >= min_margin]
     return sum(kept) / len(kept) if kept else 1.0
@@ -202,9 +211,9 @@ def fit_margin_rule(samples: list[list[dict]], targets=AUTO_TARGETS, max_rungs: 
     ladder gives way to one plain full prefill (ladder [1.0], exact, cost 1) unless it is cheaper with some
     confidence: its mean cost plus two standard errors over the samples below 1.
     reuse_tokens (reuse's first token per sample, when logged with each pass's token): targets finer than the
-    set resolves add the reuse check on top of their ladder and margin, where it keeps the target on the set.
-    The set has no failures left there to fit a margin on, and the check guards against those it missed;
-    it is added, never traded for a lower margin, whose precision the set did check."""
+    set resolves are fitted with the reuse check as part of the rule. A first pass that overturns reuse's
+    token climbs whatever its margin, so the margin is trusted on the passes the rule would accept: at the
+    ladder's first rung those that keep reuse's token, elsewhere all."""
     by_ratio = [{t["ratio"]: t for t in tried} for tried in samples]
     grid = sorted(set.intersection(*(set(r) for r in by_ratio))) if by_ratio else []
     if not grid:
@@ -213,29 +222,28 @@ def fit_margin_rule(samples: list[list[dict]], targets=AUTO_TARGETS, max_rungs: 
                for tail in ((), (1.0,))]
     margins = sorted({0.0} | {t["margin"] for r in by_ratio for t in r.values()})
     margins.append(round(margins[-1] + 1.0, 6))            # above every one seen: escalate always
-    pairs = [(t["margin"], t["agrees"]) for r in by_ratio for t in r.values()]
     steps = []
     for target in targets:
-        # a threshold must hold beyond the ladder it is fitted with: fused results at or above it, at any grid
-        # ratio of any sample, keep full prefill's first token in a share >= t (more failures to learn from
-        # than the few a small calibration set has at the rungs)
-        trusted = [m for m in margins if _precision(pairs, m) >= target - 1e-9]
         # n samples resolve failure rates down to 1/n: a finer target cannot be checked on them, so there the
         # ladder must end in a full recompute (exact) rather than trust a rung that happened to suffice
         exact = target > 1.0 - 1.0 / len(by_ratio) + 1e-9
-        best = None
+        check = reuse_tokens if exact else None
+        best, trusted = None, {}
         for ladder in (c for c in ladders if c[-1] >= 1.0 or not exact):
-            for min_margin in trusted:
-                step = _replay_step(by_ratio, ladder, min_margin, None, pass_cost)
+            # a threshold must hold beyond the ladder it is fitted with: the passes it would accept, at any grid
+            # ratio of any sample, keep full prefill's first token in a share >= t (more failures to learn from
+            # than the few a small calibration set has at the rungs)
+            first_checked = ladder[0] if check is not None and len(ladder) > 1 else None
+            if first_checked not in trusted:
+                pairs = _accepted_pairs(by_ratio, first_checked, check)
+                trusted[first_checked] = [m for m in margins if _precision(pairs, m) >= target - 1e-9]
+            for min_margin in trusted[first_checked]:
+                step = _replay_step(by_ratio, ladder, min_margin, check, pass_cost)
                 # against the best's cost rounded to 4 places, as fits have compared from the start: it decides
                 # between thresholds that tie on the set, so the shipped ladders stay reproducible
                 cheaper = best is None or step["cost"] < round(best["cost"], 4) - 1e-12
                 if step["agreement"] >= target - 1e-9 and cheaper:
-                    best = {"target": target, **step}
-        if best is not None and exact and reuse_tokens is not None and len(best["ladder"]) > 1:
-            checked = _replay_step(by_ratio, best["ladder"], best["min_margin"], reuse_tokens, pass_cost)
-            if checked["agreement"] >= target - 1e-9:
-                best.update(checked, reuse_check=True)
+                    best = {"target": target, **step, **({"reuse_check": True} if first_checked is not None else {})}
         if best is None or best["cost_bound"] >= 1.0:       # not surely cheaper than a plain prefill, which is exact
             best = {"target": target, "ladder": [1.0], "min_margin": 0.0, "agreement": 1.0, "mean_share": 1.0,
                     "cost": 1.0}

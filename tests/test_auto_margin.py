@@ -151,27 +151,33 @@ def _tokened(*cells):
 
 
 def test_reuse_check_fit_by_hand():
-    """A confident first pass that overturns reuse: without the check it passes at a margin the set trusts; with
-    it, it climbs. Only targets the set cannot resolve get the check, on top of the same ladder and margin."""
+    """At targets the set cannot resolve the check is part of the fitted rule. A confident first pass that
+    overturns reuse climbs whatever its margin: the ladder is chosen with those climbs counted, and a confident
+    failure the check catches no longer holds the margin above it."""
     easy = _tokened((0.02, True, 2.0, 7), (0.1, True, 2.5, 7))
     overturned = _tokened((0.02, True, 2.0, 7), (0.1, True, 2.5, 7))       # reuse said 5, fusion fixed it
     unsure = _tokened((0.02, True, 0.5, 7), (0.1, True, 1.5, 7))
+    trap = _tokened((0.02, False, 2.0, 5), (0.1, True, 2.5, 7))            # reuse said 7: a sure, wrong 2% pass
     assert run_ladder({t["ratio"]: t for t in overturned}, (0.02, 0.1), 1.0, reuse_token=5) == (True, pytest.approx(0.12))
     assert run_ladder({t["ratio"]: t for t in overturned}, (0.02, 0.1), 1.0, reuse_token=7) == (True, pytest.approx(0.02))
     assert run_ladder({t["ratio"]: t for t in overturned}, (0.02,), 1.0, reuse_token=5) == (True, pytest.approx(0.02))
-    samples, tokens = [easy] * 8 + [overturned, unsure], [7] * 8 + [5, 7]
+    samples, tokens = [easy] * 7 + [overturned, unsure, trap], [7] * 7 + [5, 7, 7]
     plain = fit_margin_rule(samples, targets=(0.5, 0.99))
     checked = fit_margin_rule(samples, targets=(0.5, 0.99), reuse_tokens=tokens)
-    assert "reuse_check" not in checked[0] and checked[0] == plain[0]
+    assert "reuse_check" not in checked[0] and checked[0] == plain[0]       # a target the set resolves: no check
+    # without the check the trap's margin (2.0) must not be trusted: every 2% pass climbs, so 0.1 comes first
+    assert plain[1]["ladder"] == [0.1, 1.0] and plain[1]["min_margin"] == 2.5 and "reuse_check" not in plain[1]
+    assert plain[1]["mean_share"] == pytest.approx((9 * 0.1 + 1.1) / 10, abs=1e-4)
+    # with it the trap and the overturned pass climb to 0.1, and every other request stops at 2%
     exact = checked[1]
-    assert exact["reuse_check"] and exact["ladder"] == plain[1]["ladder"] and exact["min_margin"] == plain[1]["min_margin"]
-    assert exact["mean_share"] > plain[1]["mean_share"] and "reuse_check" not in plain[1]
+    assert exact["reuse_check"] and exact["ladder"] == [0.02, 0.1, 1.0] and exact["min_margin"] == 0.0
+    assert exact["agreement"] == 1.0 and exact["mean_share"] == pytest.approx((8 * 0.02 + 2 * 0.12) / 10, abs=1e-4)
     rows = [{"sample": str(i), "method": "qcfuse", "ratio": 0.02, "mass": 0.5, "tried": t, "reuse_token": k}
             for i, (t, k) in enumerate(zip(samples, tokens))]
     table = fit_auto(rows, {"qcfuse": {}}, targets=(0.5, 0.99))["qcfuse"]
-    assert table["margin"][1]["reuse_check"]
+    assert table["margin"][1]["reuse_check"] and table["margin"][1]["ladder"] == [0.02, 0.1, 1.0]
     del rows[0]["reuse_token"]                                             # logs without reuse's token: no check
-    assert "reuse_check" not in fit_auto(rows, {"qcfuse": {}}, targets=(0.5, 0.99))["qcfuse"]["margin"][1]
+    assert fit_auto(rows, {"qcfuse": {}}, targets=(0.5, 0.99))["qcfuse"]["margin"][1] == plain[1]
 
 
 @pytest.fixture(scope="module")
