@@ -174,15 +174,7 @@ def pass_cost_of(rows: list[dict]) -> float:
     return round(max(0.0, costs[len(costs) // 2]), 4) if costs else 0.0
 
 
-def run_ladder(tried: dict[float, dict], ladder: tuple[float, ...], min_margin: float,
-               reuse_token: int | None = None) -> tuple[bool, float]:
-    """What the margin rule does on one calibration sample: (first token kept, share recomputed over all
-    passes); see `ladder_stop`."""
-    ratio, spent = ladder_stop(tried, ladder, min_margin, reuse_token)
-    return _kept(tried, ratio), spent
-
-
-def _kept(tried: dict[float, dict], ratio: float) -> bool:
+def kept_at(tried: dict[float, dict], ratio: float) -> bool:
     """Whether the pass a sample stopped at keeps full prefill's first token (a rung of 1.0 is exact)."""
     return ratio >= 1.0 or tried[ratio]["agrees"]
 
@@ -258,7 +250,7 @@ def _replay_step(by_ratio: list[dict], ladder, min_margin: float, reuse_tokens: 
     """A ladder and margin replayed on the calibration samples: its agreement, mean share and mean cost."""
     stops = [ladder_stop(r, ladder, min_margin, None if reuse_tokens is None else reuse_tokens[i])
              for i, r in enumerate(by_ratio)]
-    kept = [_kept(r, ratio) for r, (ratio, _) in zip(by_ratio, stops)]
+    kept = [kept_at(r, ratio) for r, (ratio, _) in zip(by_ratio, stops)]
     costs = [ladder_cost(ladder, ratio, pass_cost) for ratio, _ in stops]
     mean = sum(costs) / len(costs)
     spread = math.sqrt(sum((c - mean) ** 2 for c in costs) / max(1, len(costs) - 1) / len(costs))

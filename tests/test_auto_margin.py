@@ -10,7 +10,7 @@ from qcfuse.errors import QcfuseError
 from qcfuse.fusion import make_selector
 from qcfuse.fusion import selector as selector_module
 from qcfuse.fusion.budget import AutoBudget, first_token_margin
-from qcfuse.profile import fit_auto, fit_margin_rule, ladder_cost, pass_cost_of, run_ladder
+from qcfuse.profile import fit_auto, fit_margin_rule, ladder_cost, ladder_stop, pass_cost_of
 
 LADDER = [0.02, 0.1, 1.0]
 
@@ -62,9 +62,9 @@ def test_ladder_and_threshold_fit_by_hand():
     easy = _tried((0.02, True, 2.0), (0.1, True, 2.5))
     hard = _tried((0.02, False, 0.5), (0.1, True, 1.5))
     worst = _tried((0.02, False, 0.3), (0.1, False, 0.4))
-    assert run_ladder({t["ratio"]: t for t in hard}, (0.02, 0.1), 1.0) == (True, pytest.approx(0.12))
-    assert run_ladder({t["ratio"]: t for t in worst}, (0.02, 0.1, 1.0), 1.0) == (True, pytest.approx(1.12))
-    assert run_ladder({t["ratio"]: t for t in worst}, (0.02, 0.1), 1.0) == (False, pytest.approx(0.12))
+    assert ladder_stop({t["ratio"]: t for t in hard}, (0.02, 0.1), 1.0) == (0.1, pytest.approx(0.12))
+    assert ladder_stop({t["ratio"]: t for t in worst}, (0.02, 0.1, 1.0), 1.0) == (1.0, pytest.approx(1.12))
+    assert ladder_stop({t["ratio"]: t for t in worst}, (0.02, 0.1), 1.0) == (0.1, pytest.approx(0.12))   # kept, wrong
     steps = fit_margin_rule([easy, easy, hard, worst], targets=(0.5, 0.75, 1.0))
     # 0.5: stop at 0.02 always (2 of 4 kept); 0.75: escalate the unsure to 0.1; 1.0: the worst needs everything
     assert [s["ladder"] for s in steps] == [[0.02], [0.02, 0.1], [0.02, 0.1, 1.0]]
@@ -158,9 +158,10 @@ def test_reuse_check_fit_by_hand():
     overturned = _tokened((0.02, True, 2.0, 7), (0.1, True, 2.5, 7))       # reuse said 5, fusion fixed it
     unsure = _tokened((0.02, True, 0.5, 7), (0.1, True, 1.5, 7))
     trap = _tokened((0.02, False, 2.0, 5), (0.1, True, 2.5, 7))            # reuse said 7: a sure, wrong 2% pass
-    assert run_ladder({t["ratio"]: t for t in overturned}, (0.02, 0.1), 1.0, reuse_token=5) == (True, pytest.approx(0.12))
-    assert run_ladder({t["ratio"]: t for t in overturned}, (0.02, 0.1), 1.0, reuse_token=7) == (True, pytest.approx(0.02))
-    assert run_ladder({t["ratio"]: t for t in overturned}, (0.02,), 1.0, reuse_token=5) == (True, pytest.approx(0.02))
+    by_ratio = {t["ratio"]: t for t in overturned}
+    assert ladder_stop(by_ratio, (0.02, 0.1), 1.0, reuse_token=5) == (0.1, pytest.approx(0.12))
+    assert ladder_stop(by_ratio, (0.02, 0.1), 1.0, reuse_token=7) == (0.02, pytest.approx(0.02))
+    assert ladder_stop(by_ratio, (0.02,), 1.0, reuse_token=5) == (0.02, pytest.approx(0.02))     # the last rung
     samples, tokens = [easy] * 7 + [overturned, unsure, trap], [7] * 7 + [5, 7, 7]
     plain = fit_margin_rule(samples, targets=(0.5, 0.99))
     checked = fit_margin_rule(samples, targets=(0.5, 0.99), reuse_tokens=tokens)
