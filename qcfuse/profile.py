@@ -225,7 +225,7 @@ def fit_margin_rule(samples: list[list[dict]], targets=AUTO_TARGETS, max_rungs: 
             # a threshold must hold beyond the ladder it is fitted with: the passes it would accept, at any grid
             # ratio of any sample, keep full prefill's first token in a share >= t (more failures to learn from
             # than the few a small calibration set has at the rungs)
-            first_checked = ladder[0] if check is not None and len(ladder) > 1 else None
+            first_checked = ladder[0] if check is not None else None      # exact ladders have 2+ rungs
             if first_checked not in trusted:
                 pairs = _accepted_pairs(by_ratio, first_checked, check)
                 trusted[first_checked] = [m for m in margins if _precision(pairs, m) >= target - 1e-9]

@@ -39,8 +39,8 @@ def replay(log: dict, rule) -> dict:
     """What a ladder and margin (with the reuse check on the first pass) do on one logged request."""
     ladder, margin = rule
     tried = {t["ratio"]: t for t in log["tried"]}
-    stop, spent = ladder_stop(tried, ladder, margin, log["reuse_token"])
-    return {"passes": list(ladder).index(stop) + 1, "top1": kept_at(tried, stop), "share": spent,
+    stop, _ = ladder_stop(tried, ladder, margin, log["reuse_token"])
+    return {"passes": list(ladder).index(stop) + 1, "top1": kept_at(tried, stop),
             "kl": 0.0 if stop >= 1.0 else tried[stop]["kl"]}
 
 
